@@ -1,0 +1,125 @@
+"""Reading json / jsonl records with errors that point at the file, record and field."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mend_jax.data.request import DataError
+
+
+@dataclass(frozen=True)
+class Where:
+    """Location of one record: file, 0-based record index and, for jsonl, 1-based line."""
+
+    path: str
+    index: int
+    line: int | None = None
+
+    def __str__(self) -> str:
+        s = f"{self.path}: record {self.index} (0-based)"
+        return s + (f", line {self.line} (1-based)" if self.line is not None else "")
+
+    def error(self, field: str, problem: str) -> DataError:
+        return DataError(f"{self}: field {field!r}: {problem}")
+
+
+def read_records(path: str | Path) -> Iterator[tuple[Where, dict[str, Any]]]:
+    """Yield (where, record) from a .jsonl file (one object a line) or a .json list of objects.
+
+    Plain `json` rather than `datasets.load_dataset("json")`: the latter loses line numbers and
+    silently unifies schemas, and our errors must point at the record at fault.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    if _is_jsonl(path, text):
+        index = 0
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            where = Where(str(path), index, lineno)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: malformed json: {e.msg} at column {e.colno}") from e
+            if not isinstance(record, dict):
+                raise DataError(f"{where}: expected a json object, got {type(record).__name__}")
+            yield where, record
+            index += 1
+        return
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(
+            f"{path}: malformed json at line {e.lineno} (1-based), column {e.colno}: {e.msg}"
+        ) from e
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a json list of records, got {type(data).__name__}")
+    for index, record in enumerate(data):
+        where = Where(str(path), index)
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a json object, got {type(record).__name__}")
+        yield where, record
+
+
+def _is_jsonl(path: Path, text: str) -> bool:
+    if path.suffix == ".jsonl":
+        return True
+    if path.suffix == ".json":
+        return False
+    return not text.lstrip().startswith("[")
+
+
+def get(record: dict[str, Any], field: str, where: Where) -> Any:
+    """record[field] for a dotted path ("requested_rewrite.target_new.str"), or a DataError."""
+    value: Any = record
+    for part in field.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise where.error(field, "missing")
+        value = value[part]
+    return value
+
+
+def get_str(record: dict[str, Any], field: str, where: Where, *, empty_ok: bool = False) -> str:
+    """A string field, stripped; a DataError when it is missing, not a string or empty."""
+    value = get(record, field, where)
+    if isinstance(value, list) and len(value) > 0:  # lenient: some dumps wrap answers in lists
+        value = value[0]
+    if not isinstance(value, str):
+        raise where.error(field, f"expected a string, got {type(value).__name__}")
+    value = value.strip()
+    if not value and not empty_ok:
+        raise where.error(field, "empty")
+    return value
+
+
+def get_str_list(record: dict[str, Any], field: str, where: Where) -> list[str]:
+    """A list of strings (a single string is accepted as a list of one), empties dropped."""
+    value = get(record, field, where)
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise where.error(field, f"expected a list of strings, got {type(value).__name__}")
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise where.error(f"{field}[{i}]", f"expected a string, got {type(item).__name__}")
+        if item.strip():
+            out.append(item.strip())
+    return out
+
+
+def dedupe(items: list[str], exclude: str | None = None) -> tuple[str, ...]:
+    """Unique items in first-seen order, without `exclude`."""
+    seen: dict[str, None] = {}
+    for item in items:
+        if item != exclude:
+            seen.setdefault(item, None)
+    return tuple(seen)

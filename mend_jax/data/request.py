@@ -1,0 +1,25 @@
+"""The edit request record shared by every dataset, and the error raised on bad input files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class DataError(ValueError):
+    """A data file is malformed; the message names the file, the record and the field."""
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One edit descriptor (x_e, y_e) with its generality, locality and portability probes."""
+
+    prompt: str  # x_e, e.g. "The capital of France is"
+    target_new: str  # y_e, the edited answer, e.g. "Lyon"
+    target_true: str | None  # the original answer, if known
+    rephrases: tuple[str, ...]  # equivalent prompts x'_e; empty means "use prompt"
+    loc_prompt: str  # an unrelated prompt (locality)
+    loc_target: str  # its answer (the base model's or the true one)
+    # CounterFact-style (prompt, true target) of other subjects sharing the true object.
+    neighborhood: tuple[tuple[str, str], ...] = ()
+    portability: tuple[tuple[str, str], ...] = ()  # optional (prompt, answer)
+    subject: str | None = None

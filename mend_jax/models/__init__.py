@@ -1,0 +1,29 @@
+"""Flax models that load and export Hugging Face checkpoints.
+
+Public API: `load_pretrained`, `save_pretrained`, `from_config`, `Model`, `generate`,
+`supported_model_types`, `CheckpointError`, and the name map (`NameMap`, `ParamName`).
+"""
+
+from mend_jax.models.hf_io import (
+    CheckpointError,
+    Model,
+    from_config,
+    load_pretrained,
+    save_pretrained,
+)
+from mend_jax.models.names import NameMap, ParamName, get_path, set_path
+from mend_jax.models.registry import get_architecture, supported_model_types
+
+__all__ = [
+    "CheckpointError",
+    "Model",
+    "NameMap",
+    "ParamName",
+    "from_config",
+    "get_architecture",
+    "get_path",
+    "load_pretrained",
+    "save_pretrained",
+    "set_path",
+    "supported_model_types",
+]

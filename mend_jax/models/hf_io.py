@@ -1,0 +1,228 @@
+"""Import and export of Hugging Face checkpoints (config.json + safetensors), no torch needed."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from mend_jax.models.names import NameMap, flatten, get_path, set_path
+from mend_jax.models.registry import Architecture, get_architecture
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or file that cannot be loaded as asked."""
+
+
+@dataclass(eq=False)
+class Model:
+    """A loaded model: pure `logits(params, ...)` plus everything needed to edit and export it."""
+
+    arch: Architecture
+    config: Any                     # the module's frozen config
+    hf_config: Any                  # the transformers config (for export)
+    module: nn.Module
+    params: dict
+    tokenizer: Any = None
+    dtype: Any = jnp.float32
+    names: NameMap = field(init=False)
+
+    def __post_init__(self):
+        self.names = NameMap(self.arch.param_names(self.config))
+
+    @property
+    def seq2seq(self) -> bool:
+        return self.arch.seq2seq
+
+    def logits(self, params, input_ids, attention_mask=None, decoder_input_ids=None,
+               decoder_attention_mask=None) -> jax.Array:
+        """Float32 logits [B, T, V] (T = decoder length for seq2seq models)."""
+        return self.module.apply({"params": params}, input_ids, attention_mask,
+                                 decoder_input_ids, decoder_attention_mask)
+
+    def default_inner_params(self) -> list[str]:
+        return self.arch.default_inner_params(self.config)
+
+    def with_remat(self, remat: bool = True) -> "Model":
+        """The same model with transformer blocks rematerialised in the backward pass."""
+        module = self.arch.module(self.config, self.dtype, remat)
+        return Model(self.arch, self.config, self.hf_config, module, self.params,
+                     self.tokenizer, self.dtype)
+
+
+def from_config(hf_config, *, dtype=jnp.float32, seed: int = 0, tokenizer=None,
+                remat: bool = False) -> Model:
+    """A randomly initialised model of a transformers config (for tests and benchmarks)."""
+    arch = get_architecture(hf_config.model_type)
+    config = arch.config_from_hf(hf_config)
+    module = arch.module(config, dtype, remat)
+    ids = jnp.zeros((1, 4), jnp.int32)
+    dec = ids if arch.seq2seq else None
+    params = jax.jit(module.init)(jax.random.key(seed), ids, None, dec, None)["params"]
+    return Model(arch, config, hf_config, module, params, tokenizer, dtype)
+
+
+def _resolve(name_or_path: str | os.PathLike) -> Path:
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path} is a file; expected a folder holding config.json")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(
+            str(name_or_path),
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"],
+        )
+    except Exception as e:  # offline, unknown repo, auth...
+        raise CheckpointError(
+            f"{name_or_path!r} is not a local folder and could not be fetched from the "
+            f"Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+            "Pass a local folder holding config.json and model.safetensors."
+        ) from None
+    return Path(local)
+
+
+def _read_tensors(folder: Path) -> dict[str, np.ndarray]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+    elif (folder / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise CheckpointError(
+            f"{folder}: no model.safetensors or model.safetensors.index.json "
+            "(PyTorch .bin checkpoints are not read; convert them with transformers first)"
+        )
+    tensors: dict[str, np.ndarray] = {}
+    for name in files:
+        f = folder / name
+        try:
+            with safe_open(str(f), framework="flax") as st:
+                for key in st.keys():
+                    tensors[key] = np.asarray(st.get_tensor(key))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{f}: corrupt or truncated safetensors file ({e})") from None
+    return tensors
+
+
+def load_pretrained(name_or_path: str | os.PathLike, dtype=jnp.float32,
+                    remat: bool = False) -> Model:
+    """Load a Hugging Face checkpoint (local folder or hub name) as a mend-jax `Model`."""
+    import transformers
+
+    folder = _resolve(name_or_path)
+    config_file = folder / "config.json"
+    if not config_file.exists():
+        raise CheckpointError(f"{folder}: missing config.json")
+    try:
+        raw = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_file}: invalid JSON ({e})") from None
+    model_type = raw.get("model_type")
+    arch = get_architecture(model_type)  # names the supported types when unknown
+    hf_config = transformers.AutoConfig.from_pretrained(str(folder))
+    config = arch.config_from_hf(hf_config)
+    module = arch.module(config, dtype, remat)
+    params = _params_from_tensors(arch, config, _read_tensors(folder), dtype, folder)
+    tokenizer = None
+    if any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
+                                            "vocab.json", "spiece.model")):
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
+    return Model(arch, config, hf_config, module, params, tokenizer, dtype)
+
+
+def _params_from_tensors(arch, config, tensors, dtype, source) -> dict:
+    names = NameMap(arch.param_names(config))
+    # Expected shapes come from the module itself, so mis-shaped tensors are caught by name.
+    module = arch.module(config, dtype, False)
+    ids = jnp.zeros((1, 4), jnp.int32)
+    shapes = jax.eval_shape(module.init, jax.random.key(0), ids, None,
+                            ids if arch.seq2seq else None, None)["params"]
+    expected = flatten(shapes)
+    missing, unexpected, misshaped = [], [], []
+    params: dict = {}
+    for n in names.names:
+        if n.hf not in tensors:
+            if not (n.optional or n.tied_to):
+                missing.append(n.hf)
+            continue
+        if n.tied_to is not None:
+            continue
+        leaf = n.to_leaf(tensors[n.hf])
+        want = expected.get(n.path)
+        if want is None or tuple(leaf.shape) != tuple(want.shape):
+            misshaped.append(f"{n.hf}: got {tuple(tensors[n.hf].shape)}, expected "
+                             f"{tuple(n.to_hf(np.zeros(want.shape)).shape) if want else '?'}")
+            continue
+        params = set_path(params, n.path, jnp.asarray(leaf, dtype=dtype))
+    known = set(names.by_hf)
+    unexpected = sorted(k for k in tensors if k not in known and not _ignorable(k))
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {missing}")
+    if misshaped:
+        problems.append(f"mis-shaped tensors: {misshaped}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {unexpected}")
+    if problems:
+        raise CheckpointError(f"{source}: " + "; ".join(problems))
+    got = set(flatten(params))
+    absent = [p for p in expected if p not in got]
+    if absent:
+        raise CheckpointError(f"{source}: no tensor for parameters {absent}")
+    return params
+
+
+def _ignorable(name: str) -> bool:
+    # Buffers some transformers versions store in checkpoints; they carry no parameters.
+    return name.endswith((".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")) or (
+        ".attention.bias" in name or ".attention.masked_bias" in name
+    )
+
+
+def save_pretrained(model: Model, params: dict | None, out_dir: str | os.PathLike,
+                    dtype=None) -> Path:
+    """Write config.json + model.safetensors (+ tokenizer) in Hugging Face layout, atomically."""
+    params = model.params if params is None else params
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for n in model.names.names:
+        src = model.names.by_hf[n.tied_to] if n.tied_to else n
+        if n.tied_to and not _ties_exported(model.hf_config):
+            leaf = np.asarray(jax.device_get(get_path(params, src.path)))
+        elif n.tied_to:
+            continue
+        else:
+            leaf = np.asarray(jax.device_get(get_path(params, n.path)))
+        if dtype is not None:
+            leaf = leaf.astype(dtype)
+        tensors[n.hf] = np.ascontiguousarray(n.to_hf(leaf))
+    with tempfile.NamedTemporaryFile(dir=out, suffix=".tmp", delete=False) as tmp:
+        tmp_name = tmp.name
+    save_file(tensors, tmp_name, metadata={"format": "pt"})
+    os.replace(tmp_name, out / "model.safetensors")
+    model.hf_config.save_pretrained(str(out))
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(str(out))
+    return out
+
+
+def _ties_exported(hf_config) -> bool:
+    # Tied weights are written once (transformers re-ties them); untied ones are written both.
+    return not getattr(hf_config, "tie_word_embeddings", True)

@@ -1,0 +1,91 @@
+"""The one mapping between Hugging Face parameter names and mend-jax pytree paths.
+
+Every architecture describes its checkpoint as a list of `ParamName`s; loading, exporting,
+choosing edited weights (`inner_params`) and sharding rules all ask this module.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+
+# How a Hugging Face tensor is laid out relative to our pytree leaf.
+#   "linear": torch nn.Linear weight [d_out, d_in] -> our kernel [d_in, d_out] (transposed)
+#   "conv1d": GPT-2 Conv1D weight, already [d_in, d_out]
+#   "same":   embeddings, norms, biases: identical layout
+LAYOUTS = ("linear", "conv1d", "same")
+
+
+@dataclass(frozen=True)
+class ParamName:
+    hf: str                      # "transformer.h.9.mlp.c_fc.weight"
+    path: tuple[str, ...]        # ("transformer", "h_9", "mlp", "c_fc", "kernel")
+    layout: str = "same"
+    optional: bool = False       # may be absent from a checkpoint (tied lm_head)
+    tied_to: str | None = None   # HF name whose value this one repeats when exported
+
+    def to_leaf(self, array: np.ndarray) -> np.ndarray:
+        return array.T if self.layout == "linear" else array
+
+    def to_hf(self, leaf: np.ndarray) -> np.ndarray:
+        return leaf.T if self.layout == "linear" else leaf
+
+
+class NameMap:
+    """Bidirectional HF name <-> pytree path lookup with helpful errors."""
+
+    def __init__(self, names: Iterable[ParamName]):
+        self.names = list(names)
+        self.by_hf = {n.hf: n for n in self.names}
+        self.by_path = {n.path: n for n in self.names if n.tied_to is None}
+
+    def __contains__(self, hf_name: str) -> bool:
+        return hf_name in self.by_hf
+
+    def lookup(self, hf_name: str) -> ParamName:
+        """The ParamName of a Hugging Face name; unknown names fail with the closest valid ones."""
+        if hf_name in self.by_hf:
+            return self.by_hf[hf_name]
+        close = difflib.get_close_matches(hf_name, list(self.by_hf), n=5, cutoff=0.5)
+        raise KeyError(
+            f"unknown parameter name {hf_name!r}; closest valid names: {close or 'none'}"
+        )
+
+    def path(self, hf_name: str) -> tuple[str, ...]:
+        return self.lookup(hf_name).path
+
+    def module_path(self, hf_name: str) -> tuple[str, ...]:
+        """Path of the Linear module owning a weight (the path without the leaf name)."""
+        return self.lookup(hf_name).path[:-1]
+
+    def hf_name(self, path: tuple[str, ...]) -> str:
+        return self.by_path[tuple(path)].hf
+
+
+def get_path(tree: dict, path: tuple[str, ...]) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def set_path(tree: dict, path: tuple[str, ...], value: Any) -> dict:
+    """Functional set: returns a new dict sharing every untouched subtree."""
+    if not path:
+        return value
+    head, rest = path[0], path[1:]
+    new = dict(tree)
+    new[head] = set_path(tree.get(head, {}), rest, value)
+    return new
+
+
+def flatten(tree: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) or hasattr(v, "items") and not hasattr(v, "shape"):
+            out.update(flatten(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
