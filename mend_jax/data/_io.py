@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +18,19 @@ class Where:
     path: str
     index: int
     line: int | None = None
+    prefix: str = ""  # field path of a nested object, e.g. "output[0]."
 
     def __str__(self) -> str:
         s = f"{self.path}: record {self.index} (0-based)"
         return s + (f", line {self.line} (1-based)" if self.line is not None else "")
 
     def error(self, field: str, problem: str) -> DataError:
-        return DataError(f"{self}: field {field!r}: {problem}")
+        """A DataError naming this record and `field`."""
+        return DataError(f"{self}: field {self.prefix + field!r}: {problem}")
+
+    def nested(self, field: str) -> Where:
+        """The same record, with field names reported under `field` (a nested object)."""
+        return replace(self, prefix=f"{self.prefix}{field}.")
 
 
 def read_records(path: str | Path) -> Iterator[tuple[Where, dict[str, Any]]]:
@@ -70,11 +76,17 @@ def read_records(path: str | Path) -> Iterator[tuple[Where, dict[str, Any]]]:
 
 
 def _is_jsonl(path: Path, text: str) -> bool:
+    """jsonl by extension, or by content: a file whose first line is a whole json object."""
     if path.suffix == ".jsonl":
         return True
-    if path.suffix == ".json":
+    stripped = text.lstrip()
+    if not stripped.startswith("{"):
         return False
-    return not text.lstrip().startswith("[")
+    first = stripped.splitlines()[0]
+    try:
+        return isinstance(json.loads(first), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 def get(record: dict[str, Any], field: str, where: Where) -> Any:

@@ -4,6 +4,7 @@ Public API: `load_pretrained`, `save_pretrained`, `from_config`, `Model`, `gener
 `supported_model_types`, `CheckpointError`, and the name map (`NameMap`, `ParamName`).
 """
 
+from mend_jax.models.generation import generate
 from mend_jax.models.hf_io import (
     CheckpointError,
     Model,
@@ -20,6 +21,7 @@ __all__ = [
     "NameMap",
     "ParamName",
     "from_config",
+    "generate",
     "get_architecture",
     "get_path",
     "load_pretrained",

@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from mend_jax.models.names import NameMap, flatten, get_path, set_path
-from mend_jax.models.registry import Architecture, get_architecture
+from mend_jax.models.registry import Architecture, get_architecture, supported_model_types
 
 
 class CheckpointError(ValueError):
@@ -78,18 +78,27 @@ def _resolve(name_or_path: str | os.PathLike) -> Path:
         return path
     if path.exists():
         raise CheckpointError(f"{path} is a file; expected a folder holding config.json")
+    name = str(name_or_path)
+    if path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
+        # Clearly meant as a local path: a hub lookup would only add a confusing repo-id error.
+        raise CheckpointError(f"{path}: no such folder (expected a folder holding config.json "
+                              "and model.safetensors, or a Hugging Face hub name)")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
     try:
         from huggingface_hub import snapshot_download
 
         local = snapshot_download(
-            str(name_or_path),
+            name,
             allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"],
         )
     except Exception as e:  # offline, unknown repo, auth...
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        hint = (" HF_HUB_OFFLINE is set, so only the local hub cache was searched."
+                if offline and type(e).__name__ != "HFValidationError" else "")
         raise CheckpointError(
-            f"{name_or_path!r} is not a local folder and could not be fetched from the "
-            f"Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
-            "Pass a local folder holding config.json and model.safetensors."
+            f"{name!r} is not a local folder and could not be fetched from the Hugging Face "
+            f"hub ({type(e).__name__}: {reason}).{hint} Pass a local folder holding config.json "
+            "and model.safetensors, or a hub name that is cached or reachable."
         ) from None
     return Path(local)
 
@@ -111,6 +120,8 @@ def _read_tensors(folder: Path) -> dict[str, np.ndarray]:
     tensors: dict[str, np.ndarray] = {}
     for name in files:
         f = folder / name
+        if not f.exists():
+            raise CheckpointError(f"{f}: missing (listed in {index.name})")
         try:
             with safe_open(str(f), framework="flax") as st:
                 for key in st.keys():
@@ -134,7 +145,11 @@ def load_pretrained(name_or_path: str | os.PathLike, dtype=jnp.float32,
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{config_file}: invalid JSON ({e})") from None
     model_type = raw.get("model_type")
-    arch = get_architecture(model_type)  # names the supported types when unknown
+    if model_type not in supported_model_types():
+        what = "no model_type" if model_type is None else f"unsupported model_type {model_type!r}"
+        raise CheckpointError(f"{config_file}: {what}; supported model types: "
+                              f"{supported_model_types()}")
+    arch = get_architecture(model_type)
     hf_config = transformers.AutoConfig.from_pretrained(str(folder))
     config = arch.config_from_hf(hf_config)
     module = arch.module(config, dtype, remat)

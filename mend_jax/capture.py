@@ -1,0 +1,123 @@
+"""(u, δ) capture as a function transform.
+
+For every edited dense layer h = W u, the fine-tuning gradient is ∇_W L = Σ_t u_t δ_tᵀ (our kernels
+are [d_in, d_out]), with u_t the layer input and δ_t = ∂L/∂h_t. We get both from ONE forward and
+backward pass without hooks: a Flax method interceptor makes the chosen `Linear` modules `sow` their
+inputs and `perturb` their outputs with a zero variable; the gradient w.r.t. that zero variable is δ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from mend_jax.metrics import masked_nll
+from mend_jax.models.common import Linear
+
+INPUTS = "layer_inputs"
+OUTPUT_GRADS = "output_grads"
+
+
+@dataclass(frozen=True)
+class Captured:
+    """Per edited weight: token-flattened inputs, output gradients and the real-token mask."""
+
+    layer_inputs: Float[Array, "tokens d_in"]
+    output_grads: Float[Array, "tokens d_out"]
+    token_mask: Float[Array, "tokens"]
+
+
+jax.tree_util.register_dataclass(
+    Captured, data_fields=["layer_inputs", "output_grads", "token_mask"], meta_fields=[]
+)
+
+
+def _interceptor(module_paths: frozenset[tuple[str, ...]]):
+    def intercept(next_fun, args, kwargs, context):
+        module = context.module
+        if (context.method_name != "__call__" or not isinstance(module, Linear)
+                or tuple(module.path) not in module_paths):
+            return next_fun(*args, **kwargs)
+        module.sow("intermediates", INPUTS, args[0])
+        return module.perturb(OUTPUT_GRADS, next_fun(*args, **kwargs))
+
+    return intercept
+
+
+def model_inputs(batch: Mapping[str, jax.Array]) -> tuple:
+    """Positional model inputs of a tokenised batch (decoder inputs are None for decoder-only)."""
+    return (batch["input_ids"], batch.get("attention_mask"), batch.get("decoder_input_ids"),
+            batch.get("decoder_attention_mask"))
+
+
+def token_mask_for(hf_name: str, batch: Mapping[str, jax.Array], seq2seq: bool) -> jax.Array:
+    """Which captured tokens are real: encoder tokens for T5 encoder weights, decoder otherwise."""
+    if seq2seq and not hf_name.startswith("encoder."):
+        return batch["decoder_attention_mask"]
+    return batch["attention_mask"]
+
+
+def capture(
+    model,
+    params: dict,
+    batch: Mapping[str, jax.Array],
+    inner_params: Sequence[str],
+    loss_fn: Callable | None = None,
+) -> tuple[jax.Array, dict[str, Captured], jax.Array]:
+    """One forward/backward pass: (loss, {hf_name: Captured}, logits).
+
+    `loss_fn(logits, batch)` defaults to the mean NLL of the batch's labels. Padding tokens are
+    masked; label-masked prompt tokens of decoder-only models keep their (genuinely non-zero) δ,
+    so Σ_t u_t δ_tᵀ is exactly the weight gradient.
+    """
+    loss_fn = loss_fn or (lambda logits, b: masked_nll(logits, b["labels"], shift=not model.seq2seq))
+    by_module = {model.names.module_path(n): n for n in inner_params}
+    intercept = _interceptor(frozenset(by_module))
+    inputs = model_inputs(batch)
+
+    def run(perturbations, mutable):
+        variables = {"params": params}
+        if perturbations is not None:
+            variables["perturbations"] = perturbations
+        with nn.intercept_methods(intercept):
+            return model.module.apply(variables, *inputs, mutable=mutable)
+
+    _, shapes = jax.eval_shape(lambda: run(None, ["perturbations", "intermediates"]))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["perturbations"])
+
+    def loss_of_perturbations(perturbations):
+        logits, state = run(perturbations, ["intermediates"])
+        return loss_fn(logits, batch), (state["intermediates"], logits)
+
+    (loss, (intermediates, logits)), grads = jax.value_and_grad(
+        loss_of_perturbations, has_aux=True)(zeros)
+
+    captured = {}
+    for path, name in by_module.items():
+        u = _get(intermediates, path)[INPUTS][0]
+        d = _get(grads, path)[OUTPUT_GRADS]
+        mask = token_mask_for(name, batch, model.seq2seq)
+        captured[name] = Captured(
+            layer_inputs=u.reshape(-1, u.shape[-1]),       # B*T d_in
+            output_grads=d.reshape(-1, d.shape[-1]),       # B*T d_out
+            token_mask=mask.reshape(-1).astype(jnp.float32),
+        )
+    return loss, captured, logits
+
+
+def _get(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def pseudo_gradient(u: jax.Array, delta: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Σ_t m_t u_t δ_tᵀ in kernel layout [d_in, d_out]."""
+    if mask is not None:
+        u = u * mask[:, None].astype(u.dtype)
+    return jnp.einsum("ti,to->io", u, delta)

@@ -1,0 +1,251 @@
+"""Tokenising (prompt, target) pairs into fixed-shape numpy batches for edits and locality."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from mend_jax.data.request import EditRequest
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100  # label of positions that do not count (prompt tokens, padding)
+
+Batch = dict[str, np.ndarray]
+
+
+def tokenize_pairs(
+    tokenizer: Any,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    *,
+    seq2seq: bool,
+    max_length: int,
+    max_target_length: int | None = None,
+    append_eos: bool = False,
+    decoder_start_token_id: int | None = None,
+) -> Batch:
+    """Tokenise prompt→target pairs into fixed-shape int32 arrays with -100 outside the target.
+
+    Decoder-only (`seq2seq=False`): input_ids = prompt + " " + target (+ eos if `append_eos`),
+    [B, max_length], right-padded; labels are aligned with input_ids (the model shifts: logits
+    at t predict labels at t+1). An over-long pair loses prompt tokens from the left (a leading
+    BOS is kept); the whole target is kept.
+    Seq2seq (`seq2seq=True`): input_ids = prompt with the tokenizer's own specials (T5 appends
+    eos), left-truncated to max_length; labels = target + eos, [B, max_target_length];
+    decoder_input_ids = [decoder_start] + labels[:-1], decoder_start defaulting to the pad id
+    (T5's convention; pass the model's `decoder_start_token_id` for BART).
+    Both return a `truncated` bool array [B]; truncations are also logged.
+    """
+    if len(prompts) != len(targets):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    if seq2seq:
+        return _seq2seq(
+            tokenizer,
+            prompts,
+            targets,
+            max_length,
+            max_target_length or max_length,
+            decoder_start_token_id,
+        )
+    return _decoder_only(tokenizer, prompts, targets, max_length, append_eos)
+
+
+def _ids(tokenizer: Any, texts: Sequence[str], special: bool) -> list[list[int]]:
+    return tokenizer(list(texts), add_special_tokens=special)["input_ids"]
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pad = tokenizer.pad_token_id
+    pad = pad if pad is not None else tokenizer.eos_token_id  # GPT-2 has no pad token
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an eos token to pad with")
+    return pad
+
+
+def _check_target(ids: list[int], i: int, target: str) -> None:
+    if not ids:
+        raise ValueError(f"pair {i}: target {target!r} tokenises to nothing")
+
+
+def _decoder_only(
+    tokenizer: Any, prompts: Sequence[str], targets: Sequence[str], max_length: int, eos: bool
+) -> Batch:
+    bsz = len(prompts)
+    pad = _pad_id(tokenizer)
+    bos = tokenizer.bos_token_id
+    input_ids = np.full((bsz, max_length), pad, np.int32)
+    attention_mask = np.zeros((bsz, max_length), np.int32)
+    labels = np.full((bsz, max_length), IGNORE, np.int32)
+    truncated = np.zeros(bsz, bool)
+    prompt_ids = _ids(tokenizer, prompts, True)
+    target_ids = _ids(tokenizer, [" " + t for t in targets], False)
+    for i, (p, t) in enumerate(zip(prompt_ids, target_ids, strict=True)):
+        _check_target(t, i, targets[i])
+        if eos:
+            t = t + [tokenizer.eos_token_id]
+        t = t[: max_length - 1]  # keep at least one prompt token to condition on
+        room = max_length - len(t)
+        if len(p) > room:
+            truncated[i] = True
+            keep_bos = bos is not None and p[0] == bos and room > 1
+            p = ([bos] if keep_bos else []) + p[len(p) - room + int(keep_bos) :]
+        seq = p + t
+        input_ids[i, : len(seq)] = seq
+        attention_mask[i, : len(seq)] = 1
+        labels[i, len(p) : len(seq)] = t
+    _log_truncation(truncated, max_length)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "truncated": truncated,
+    }
+
+
+def _seq2seq(
+    tokenizer: Any,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    max_length: int,
+    max_target_length: int,
+    decoder_start: int | None,
+) -> Batch:
+    bsz = len(prompts)
+    pad = _pad_id(tokenizer)
+    start = pad if decoder_start is None else decoder_start
+    input_ids = np.full((bsz, max_length), pad, np.int32)
+    attention_mask = np.zeros((bsz, max_length), np.int32)
+    decoder_input_ids = np.full((bsz, max_target_length), pad, np.int32)
+    decoder_attention_mask = np.zeros((bsz, max_target_length), np.int32)
+    labels = np.full((bsz, max_target_length), IGNORE, np.int32)
+    truncated = np.zeros(bsz, bool)
+    eos = tokenizer.eos_token_id
+    for i, (p, t) in enumerate(
+        zip(_ids(tokenizer, prompts, True), _ids(tokenizer, targets, False), strict=True)
+    ):
+        _check_target(t, i, targets[i])
+        if eos is not None:
+            t = t + [eos]
+        if len(p) > max_length:
+            p = p[len(p) - max_length :]
+            truncated[i] = True
+        if len(t) > max_target_length:
+            t = t[:max_target_length]
+            truncated[i] = True
+        input_ids[i, : len(p)] = p
+        attention_mask[i, : len(p)] = 1
+        labels[i, : len(t)] = t
+        decoder_input_ids[i, : len(t)] = [start] + t[:-1]
+        decoder_attention_mask[i, : len(t)] = 1
+    _log_truncation(truncated, max_length)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "decoder_input_ids": decoder_input_ids,
+        "decoder_attention_mask": decoder_attention_mask,
+        "labels": labels,
+        "truncated": truncated,
+    }
+
+
+def _log_truncation(truncated: np.ndarray, max_length: int) -> None:
+    if truncated.any():
+        log.warning(
+            "truncated %d of %d pairs to fit max_length=%d",
+            int(truncated.sum()),
+            len(truncated),
+            max_length,
+        )
+
+
+def make_edit_batch(
+    tokenizer: Any,
+    requests: Sequence[EditRequest],
+    *,
+    seq2seq: bool,
+    max_length: int,
+    rng: np.random.Generator,
+    n_edits: int | None = None,
+    max_target_length: int | None = None,
+    neighborhood: bool = True,
+) -> dict[str, Batch]:
+    """Build the edit_inner / edit_outer / loc (/ neighborhood) batches of one training step.
+
+    The first `n_edits` requests (all by default) are edited: edit_inner is prompt→target_new,
+    edit_outer a random rephrase (chosen with `rng`; the prompt when there is none)→target_new,
+    both [n_edits, L]. loc pairs every request's loc_prompt→loc_target, [B, L], as in the
+    reference's batched editing. neighborhood pairs each edit's first neighborhood prompt with
+    its true target (falling back to the loc pair), [n_edits, L].
+    """
+    k = len(requests) if n_edits is None else n_edits
+    if not 0 < k <= len(requests):
+        raise ValueError(f"n_edits={n_edits} with {len(requests)} requests")
+    edits = requests[:k]
+    kw: dict[str, Any] = {
+        "seq2seq": seq2seq,
+        "max_length": max_length,
+        "max_target_length": max_target_length,
+    }
+    outer = [
+        r.rephrases[rng.integers(len(r.rephrases))] if r.rephrases else r.prompt for r in edits
+    ]
+    new = [r.target_new for r in edits]
+    batch = {
+        "edit_inner": tokenize_pairs(tokenizer, [r.prompt for r in edits], new, **kw),
+        "edit_outer": tokenize_pairs(tokenizer, outer, new, **kw),
+        "loc": tokenize_pairs(
+            tokenizer, [r.loc_prompt for r in requests], [r.loc_target for r in requests], **kw
+        ),
+    }
+    if neighborhood:
+        pairs = [
+            r.neighborhood[0] if r.neighborhood else (r.loc_prompt, r.loc_target) for r in edits
+        ]
+        batch["neighborhood"] = tokenize_pairs(
+            tokenizer, [p for p, _ in pairs], [t for _, t in pairs], **kw
+        )
+    return batch
+
+
+def batch_iterator(
+    requests: Sequence[EditRequest],
+    tokenizer: Any,
+    *,
+    batch_size: int,
+    seq2seq: bool,
+    max_length: int,
+    seed: int,
+    shuffle: bool = True,
+    epochs: int | None = None,
+    n_edits: int | None = None,
+    max_target_length: int | None = None,
+    drop_last: bool = True,
+) -> Iterator[dict[str, Batch]]:
+    """Yield `make_edit_batch` batches of `batch_size` requests, for `epochs` (None: forever).
+
+    The incomplete last batch of an epoch is dropped (fixed shapes, no recompilation) unless
+    `drop_last=False`. Order and rephrase choices are deterministic given `seed`.
+    """
+    if batch_size > len(requests):
+        raise ValueError(f"batch_size={batch_size} exceeds the {len(requests)} requests")
+    rng = np.random.default_rng(seed)
+    epoch = 0
+    while epochs is None or epoch < epochs:
+        order = rng.permutation(len(requests)) if shuffle else np.arange(len(requests))
+        stop = len(order) - len(order) % batch_size if drop_last else len(order)
+        for start in range(0, stop, batch_size):
+            chunk = [requests[j] for j in order[start : start + batch_size]]
+            yield make_edit_batch(
+                tokenizer,
+                chunk,
+                seq2seq=seq2seq,
+                max_length=max_length,
+                rng=rng,
+                n_edits=None if n_edits is None else min(n_edits, len(chunk)),
+                max_target_length=max_target_length,
+            )
+        epoch += 1

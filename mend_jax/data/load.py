@@ -1,0 +1,57 @@
+"""One entry point that loads any supported edit dataset by name or by sniffing the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mend_jax.data._io import read_records
+from mend_jax.data.counterfact import load_counterfact
+from mend_jax.data.request import DataError, EditRequest
+from mend_jax.data.zsre import load_zsre_easyedit, load_zsre_mend
+
+FORMATS = ("zsre_mend", "zsre", "counterfact", "geonames")
+
+
+def load_requests(
+    path: str | Path,
+    fmt: str | None = None,
+    *,
+    split: str = "test",
+    loc_path: str | Path | None = None,
+) -> list[EditRequest]:
+    """Load edit requests from `path` in format `fmt` (one of FORMATS; None: sniff it).
+
+    "geonames" takes the directory written by `write_benchmark` and reads its
+    `{split}.counterfact.json`; a directory path implies "geonames". Otherwise the format is
+    sniffed from the first record's fields (`input`+`alternatives`: zsre_mend; `src`+`alt`:
+    zsre; `requested_rewrite`: counterfact). `loc_path` is the NQ locality file of zsre_mend.
+    """
+    path = Path(path)
+    if fmt is None:
+        fmt = "geonames" if path.is_dir() else sniff_format(path)
+    if fmt == "zsre_mend":
+        return load_zsre_mend(path, loc_path)
+    if fmt == "zsre":
+        return load_zsre_easyedit(path)
+    if fmt == "counterfact":
+        return load_counterfact(path)
+    if fmt == "geonames":
+        file = path / f"{split}.counterfact.json" if path.is_dir() else path
+        return load_counterfact(file) if path.is_dir() else load_requests(file)
+    raise DataError(f"{path}: unknown format {fmt!r}; expected one of {FORMATS}")
+
+
+def sniff_format(path: str | Path) -> str:
+    """The format of a data file, from its first record's fields."""
+    for where, record in read_records(path):
+        if "requested_rewrite" in record:
+            return "counterfact"
+        if "src" in record and "alt" in record:
+            return "zsre"
+        if "input" in record and "alternatives" in record:
+            return "zsre_mend"
+        raise DataError(
+            f"{where}: cannot tell the format from fields {sorted(record)}; pass fmt= one of "
+            f"{FORMATS}"
+        )
+    raise DataError(f"{path}: no records")

@@ -1,0 +1,25 @@
+"""Editors: MEND and the fine-tuning baselines, all with `edit(state, model_params, batch)`.
+
+Every editor has `init(key) -> state` and a pure, jit-able
+`edit(state, model_params, edit_batch) -> new_model_params`.
+"""
+
+from mend_jax.editors.ft import FineTune, FTConfig
+from mend_jax.editors.mend import MEND, MENDConfig
+
+__all__ = ["FTConfig", "FineTune", "MEND", "MENDConfig", "make_editor"]
+
+
+def make_editor(name: str, model, inner_params=None, **options):
+    """Build an editor by name: "mend", "ft", "ft_l" (L∞-bounded), "ft_kl"."""
+    if name == "mend":
+        return MEND(model, inner_params, MENDConfig(**options))
+    if name == "ft":
+        return FineTune(model, inner_params, FTConfig(**options))
+    if name == "ft_l":
+        options.setdefault("linf", 5e-4)
+        return FineTune(model, inner_params, FTConfig(**options))
+    if name == "ft_kl":
+        options.setdefault("c_loc", 1.0)
+        return FineTune(model, inner_params, FTConfig(**options))
+    raise ValueError(f"unknown editor {name!r}; choose mend, ft, ft_l or ft_kl")

@@ -1,0 +1,69 @@
+"""Losses and edit metrics, computed as the reference does (labels use -100 for "not counted").
+
+Decoder-only models shift (logits at t predict the label at t+1); seq2seq models do not.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+IGNORE = -100
+
+
+def _align(logits, labels, shift: bool):
+    if shift:
+        return logits[:, :-1], labels[:, 1:]
+    return logits, labels
+
+
+def token_log_probs(logits: Float[Array, "B T V"], labels: Int[Array, "B T"], shift: bool):
+    """(log p(label) [B, T'], counted mask [B, T'])."""
+    logits, labels = _align(logits, labels, shift)
+    mask = labels != IGNORE
+    safe = jnp.where(mask, labels, 0)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0], mask
+
+
+def masked_nll(logits, labels, shift: bool) -> jax.Array:
+    """Mean −log p(label) over the counted positions of the batch."""
+    lp, mask = token_log_probs(logits, labels, shift)
+    return -(lp * mask).sum() / jnp.maximum(mask.sum(), 1)
+
+
+def sequence_nll(logits, labels, shift: bool) -> jax.Array:
+    """Per-example mean NLL over its counted positions [B]."""
+    lp, mask = token_log_probs(logits, labels, shift)
+    return -(lp * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1)
+
+
+def sequence_correct(logits, labels, shift: bool) -> jax.Array:
+    """Per-example bool [B]: argmax equals the label at every counted position (teacher forcing)."""
+    logits, labels = _align(logits, labels, shift)
+    mask = labels != IGNORE
+    hit = (jnp.argmax(logits, -1) == labels) | ~mask
+    return hit.all(-1) & mask.any(-1)
+
+
+def token_accuracy(logits, labels, shift: bool) -> jax.Array:
+    """Per-example fraction of counted target tokens predicted correctly [B]."""
+    logits, labels = _align(logits, labels, shift)
+    mask = labels != IGNORE
+    hit = (jnp.argmax(logits, -1) == labels) & mask
+    return hit.sum(-1) / jnp.maximum(mask.sum(-1), 1)
+
+
+def locality_kl(base_logits, edited_logits, mask) -> jax.Array:
+    """KL(p_base ‖ p_edited) per counted position, averaged over counted positions."""
+    lp_base = jax.nn.log_softmax(base_logits.astype(jnp.float32), -1)
+    lp_edit = jax.nn.log_softmax(edited_logits.astype(jnp.float32), -1)
+    kl = (jnp.exp(lp_base) * (lp_base - lp_edit)).sum(-1)
+    mask = mask.astype(jnp.float32)
+    return (kl * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def loc_mask(batch, seq2seq: bool) -> jax.Array:
+    """The mask the locality KL is averaged over (decoder mask for seq2seq, else attention)."""
+    return batch["decoder_attention_mask"] if seq2seq else batch["attention_mask"]

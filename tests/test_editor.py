@@ -1,0 +1,121 @@
+"""The editor as a specification: identity init == one SGD step; options; batched edits."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import transformers
+
+from mend_jax.editors import MEND, MENDConfig, make_editor
+from mend_jax.metrics import masked_nll
+from mend_jax.models import from_config, get_path
+from tests.test_capture import decoder_batch
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = transformers.GPT2Config(vocab_size=61, n_positions=16, n_embd=24, n_layer=3, n_head=3)
+    return from_config(cfg, seed=0)
+
+
+def sgd_step(model, params, batch, names, lr):
+    def loss(p):
+        logits = model.logits(p, batch["input_ids"], batch["attention_mask"])
+        return masked_nll(logits, batch["labels"], shift=True)
+
+    g = jax.grad(loss)(params)
+    return {n: get_path(params, model.names.path(n)) - lr * get_path(g, model.names.path(n))
+            for n in names}
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(combine=False), dict(combine=False, one_sided=True),
+                                  dict(combine=False, x_only=True), dict(shared=False)])
+def test_fresh_editor_without_norm_is_one_sgd_step(model, opts):
+    editor = MEND(model, config=MENDConfig(norm=False, edit_lr=0.3, **opts))
+    state = editor.init(jax.random.key(0))
+    batch = decoder_batch(61, [7, 4, 9])
+    new = jax.jit(editor.edit)(state, model.params, batch)
+    ref = sgd_step(model, model.params, batch, editor.layout.inner_params, 0.3)
+    for n, w in ref.items():
+        np.testing.assert_allclose(get_path(new, model.names.path(n)), w, atol=1e-6)
+
+
+def test_edit_copies_only_edited_weights(model):
+    editor = MEND(model, config=MENDConfig(norm=False))
+    state = editor.init(jax.random.key(0))
+    new = editor.edit(state, model.params, decoder_batch(61, [7, 4, 9]))  # eager: no jit copies
+    assert new["transformer"]["wte"] is model.params["transformer"]["wte"]
+    assert new["transformer"]["h_0"] is model.params["transformer"]["h_0"]
+    assert new["transformer"]["h_2"]["attn"] is model.params["transformer"]["h_2"]["attn"]
+
+
+def test_batched_edit_pools_requests(model):
+    editor = MEND(model, config=MENDConfig(norm=False, edit_lr=0.3))
+    state = editor.init(jax.random.key(0))
+    batch = decoder_batch(61, [7, 4, 9, 5, 6])
+    new = jax.jit(editor.edit)(state, model.params, batch)
+    ref = sgd_step(model, model.params, batch, editor.layout.inner_params, 0.3)
+    n = editor.layout.inner_params[0]
+    np.testing.assert_allclose(get_path(new, model.names.path(n)), ref[n], atol=1e-6)
+
+
+def test_shared_editor_groups_by_shape_with_modes(model):
+    editor = MEND(model)
+    state = editor.init(jax.random.key(0))
+    groups = set(editor.layout.groups)
+    assert groups == {"24x96", "96x24"}
+    layer = state["params"]["nets"]["24x96"]["uv"]["layers"][0]
+    assert layer["mode_scale"].shape == (3, 120) and layer["U"].shape == (120, 120)
+    assert len(state["params"]["nets"]["24x96"]["uv"]["layers"]) == 2  # n_hidden + 1
+
+
+def test_norm_stats_update_only_when_training(model):
+    editor = MEND(model)
+    state = editor.init(jax.random.key(0))
+    batch = decoder_batch(61, [7, 4, 9])
+    _, stats_eval, _ = editor.edit_with_stats(state, model.params, batch, train=False)
+    _, stats_train, _ = editor.edit_with_stats(state, model.params, batch, train=True)
+    assert float(stats_eval["24x96"]["count"]) == 0
+    # 3 layers share the group, each sees the 20 real tokens
+    assert float(stats_train["24x96"]["count"]) == 60
+
+
+def test_welford_matches_numpy():
+    from mend_jax.editors.mend import init_stats, update_stats
+
+    rng = np.random.default_rng(0)
+    xs = [rng.normal(size=(6, 4)).astype(np.float32) for _ in range(3)]
+    masks = [np.array([1, 1, 0, 1, 1, 1], np.float32)] * 3
+    s = init_stats(4, 4)
+    for x, m in zip(xs, masks):
+        s = update_stats(s, jnp.asarray(x), jnp.asarray(x), jnp.asarray(m))
+    allx = np.concatenate([x[m.astype(bool)] for x, m in zip(xs, masks)])
+    np.testing.assert_allclose(s["u_mean"], allx.mean(0), atol=1e-5)
+    np.testing.assert_allclose(s["u_m2"] / (s["count"] - 1), allx.var(0, ddof=1), atol=1e-5)
+
+
+def test_ft_baselines_reduce_edit_loss_and_ftl_respects_bound(model):
+    batch = decoder_batch(61, [7, 4, 9])
+    for name, opts in (("ft", dict(steps=5, lr=1e-2)), ("ft_l", dict(steps=5, lr=1e-2, linf=1e-3))):
+        ed = make_editor(name, model, **opts)
+        new = jax.jit(ed.edit)(ed.init(None), model.params, batch)
+        before = masked_nll(model.logits(model.params, batch["input_ids"],
+                                         batch["attention_mask"]), batch["labels"], True)
+        after = masked_nll(model.logits(new, batch["input_ids"], batch["attention_mask"]),
+                           batch["labels"], True)
+        assert after < before
+        if name == "ft_l":
+            for n in ed.inner_params:
+                p = model.names.path(n)
+                diff = jnp.abs(get_path(new, p) - get_path(model.params, p)).max()
+                assert float(diff) <= 1e-3 + 1e-7
+
+
+def test_unknown_inner_param_names_closest(model):
+    with pytest.raises(KeyError, match="transformer.h.1.mlp.c_fc.weight"):
+        MEND(model, ["transformer.h.1.mlp.c_fcc.weight"])
+
+
+def test_conflicting_options_rejected():
+    with pytest.raises(ValueError, match="at most one"):
+        MENDConfig(combine=True, x_only=True)
