@@ -45,7 +45,7 @@ def test_edit_copies_only_edited_weights(model):
     state = editor.init(jax.random.key(0))
     new = editor.edit(state, model.params, decoder_batch(61, [7, 4, 9]))  # eager: no jit copies
     assert new["transformer"]["wte"] is model.params["transformer"]["wte"]
-    assert new["transformer"]["h_0"] is model.params["transformer"]["h_0"]
+    assert new["transformer"]["h_0"]["ln_1"] is model.params["transformer"]["h_0"]["ln_1"]
     assert new["transformer"]["h_2"]["attn"] is model.params["transformer"]["h_2"]["attn"]
 
 

@@ -1,3 +1,4 @@
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -43,7 +44,8 @@ def test_gpt2_export_roundtrip(gpt2_dir, tmp_path):
     model = load_pretrained(d)
     k = model.params["transformer"]["h_2"]["mlp"]["c_fc"]["kernel"]
     from mend_jax.models import set_path
-    edited = set_path(model.params, ("transformer", "h_2", "mlp", "c_fc", "kernel"), k + 0.01)
+    noise = 0.05 * jax.random.normal(jax.random.key(3), k.shape)
+    edited = set_path(model.params, ("transformer", "h_2", "mlp", "c_fc", "kernel"), k + noise)
     save_pretrained(model, edited, tmp_path / "out")
     tm2 = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
     ids, mask = right_padded_batch(101, [5, 8], seed=1)

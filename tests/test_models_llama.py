@@ -6,9 +6,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from mend_jax.models import get_path, load_pretrained, save_pretrained, set_path  # noqa: E402
-from mend_jax.models.llama import LlamaConfig  # noqa: E402
-from tests.parity_utils import masked_max_diff, right_padded_batch, torch_logits  # noqa: E402
+from mend_jax.models import get_path, load_pretrained, save_pretrained, set_path
+from mend_jax.models.llama import LlamaConfig
+from tests.parity_utils import masked_max_diff, right_padded_batch, torch_logits
 
 V = 101
 LENGTHS = [7, 4, 9]
@@ -17,25 +17,53 @@ LENGTHS = [7, 4, 9]
 CONFIGS = {
     # GQA 3:1, non-default rope_theta, untied lm_head.
     "llama_gqa": lambda: transformers.LlamaConfig(
-        vocab_size=V, hidden_size=24, intermediate_size=40, num_hidden_layers=3,
-        num_attention_heads=3, num_key_value_heads=1, rope_theta=500.0,
-        tie_word_embeddings=False),
+        vocab_size=V,
+        hidden_size=24,
+        intermediate_size=40,
+        num_hidden_layers=3,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        rope_theta=500.0,
+        tie_word_embeddings=False,
+    ),
     # attention_bias + mlp_bias on every projection, tied embeddings.
     "llama_bias_tied": lambda: transformers.LlamaConfig(
-        vocab_size=V, hidden_size=30, intermediate_size=36, num_hidden_layers=2,
-        num_attention_heads=5, num_key_value_heads=5, attention_bias=True, mlp_bias=True,
-        tie_word_embeddings=True),
+        vocab_size=V,
+        hidden_size=30,
+        intermediate_size=36,
+        num_hidden_layers=2,
+        num_attention_heads=5,
+        num_key_value_heads=5,
+        attention_bias=True,
+        mlp_bias=True,
+        tie_word_embeddings=True,
+    ),
     # head_dim decoupled from hidden_size, sliding window shorter than the longest sequence.
     "mistral_window": lambda: transformers.MistralConfig(
-        vocab_size=V, hidden_size=24, intermediate_size=40, num_hidden_layers=3,
-        num_attention_heads=3, num_key_value_heads=1, head_dim=10, sliding_window=3,
-        tie_word_embeddings=False),
+        vocab_size=V,
+        hidden_size=24,
+        intermediate_size=40,
+        num_hidden_layers=3,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        head_dim=10,
+        sliding_window=3,
+        tie_word_embeddings=False,
+    ),
     # q/k/v bias, no o bias; sliding window on layers >= max_window_layers only.
     "qwen2": lambda: transformers.Qwen2Config(
-        vocab_size=V, hidden_size=36, intermediate_size=40, num_hidden_layers=3,
-        num_attention_heads=6, num_key_value_heads=2, rope_theta=20000.0,
-        use_sliding_window=True, sliding_window=4, max_window_layers=1,
-        tie_word_embeddings=True),
+        vocab_size=V,
+        hidden_size=36,
+        intermediate_size=40,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        rope_theta=20000.0,
+        use_sliding_window=True,
+        sliding_window=4,
+        max_window_layers=1,
+        tie_word_embeddings=True,
+    ),
 }
 
 
@@ -104,7 +132,8 @@ def test_export_roundtrip(checkpoints, tmp_path, name):
         edited = set_path(edited, path, get_path(edited, path) + 0.05)
     save_pretrained(model, edited, tmp_path / "out")
     tm2 = transformers.AutoModelForCausalLM.from_pretrained(
-        str(tmp_path / "out"), attn_implementation="eager").eval()
+        str(tmp_path / "out"), attn_implementation="eager"
+    ).eval()
     ids, mask = right_padded_batch(V, [5, 8], seed=1)
     ours = _logits(model, edited, ids, mask)
     before = _logits(model, model.params, ids, mask)
@@ -131,8 +160,12 @@ def test_default_inner_params_are_up_down_of_last_three():
 
 def test_scaled_rope_is_refused():
     cfg = transformers.LlamaConfig(
-        vocab_size=V, hidden_size=24, intermediate_size=40, num_hidden_layers=1,
-        num_attention_heads=3, rope_parameters={"rope_type": "linear", "factor": 2.0,
-                                                "rope_theta": 10000.0})
+        vocab_size=V,
+        hidden_size=24,
+        intermediate_size=40,
+        num_hidden_layers=1,
+        num_attention_heads=3,
+        rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+    )
     with pytest.raises(ValueError, match="rope_type 'linear'"):
         LlamaConfig.from_hf(cfg)

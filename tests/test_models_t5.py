@@ -6,17 +6,18 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from safetensors.numpy import load_file, save_file  # noqa: E402
+from safetensors.numpy import load_file, save_file
 
-from mend_jax.models import get_path, load_pretrained, save_pretrained, set_path  # noqa: E402
-from mend_jax.models.t5 import relative_position_bucket  # noqa: E402
-from tests.parity_utils import masked_max_diff, right_padded_batch, torch_logits  # noqa: E402
+from mend_jax.models import get_path, load_pretrained, save_pretrained, set_path
+from mend_jax.models.t5 import relative_position_bucket
+from tests.parity_utils import masked_max_diff, right_padded_batch, torch_logits
 
 V = 101
 # v1.0: ReLU feed-forward, LM head tied to `shared` (rescaled); v1.1: gated-GELU, own lm_head.
 VARIANTS = {
-    "v1_0": dict(feed_forward_proj="relu", tie_word_embeddings=True, num_decoder_layers=2),
-    "v1_1": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False, num_decoder_layers=3),
+    "v1_0": {"feed_forward_proj": "relu", "tie_word_embeddings": True, "num_decoder_layers": 2},
+    "v1_1": {"feed_forward_proj": "gated-gelu", "tie_word_embeddings": False,
+             "num_decoder_layers": 3},
 }
 
 

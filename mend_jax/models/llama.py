@@ -51,7 +51,7 @@ class LlamaConfig:
     layer_windows: tuple[int | None, ...]
 
     @classmethod
-    def from_hf(cls, c) -> "LlamaConfig":
+    def from_hf(cls, c) -> LlamaConfig:
         mt = c.model_type
         if mt not in ("llama", "mistral", "qwen2"):
             raise ValueError(f"LlamaConfig.from_hf: unsupported model_type {mt!r}")
@@ -97,7 +97,7 @@ def _rope_theta(c) -> float:
     """
     params = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}
     if not isinstance(params, dict):
-        raise ValueError(f"{c.model_type} config: rope_parameters must be a dict, got {params!r}")
+        raise TypeError(f"{c.model_type} config: rope_parameters must be a dict, got {params!r}")
     if params and "full_attention" in params:  # per-layer-type rope dicts (5.x)
         params = params["full_attention"]
     rope_type = params.get("rope_type", params.get("type", "default"))
@@ -150,7 +150,7 @@ class LlamaMLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.config
-        lin = lambda d, name: Linear(d, c.mlp_bias, self.dtype, name=name)  # noqa: E731
+        lin = lambda d, name: Linear(d, c.mlp_bias, self.dtype, name=name)
         gate = activation(c.hidden_act)(lin(c.intermediate_size, "gate_proj")(x))
         return lin(c.hidden_size, "down_proj")(gate * lin(c.intermediate_size, "up_proj")(x))
 
@@ -162,7 +162,7 @@ class LlamaDecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x, bias, positions):
         c = self.config
-        norm = lambda name: RMSNorm(c.rms_norm_eps, self.dtype, name=name)  # noqa: E731
+        norm = lambda name: RMSNorm(c.rms_norm_eps, self.dtype, name=name)
         attn = LlamaAttention(c, self.dtype, name="self_attn")
         x = x + attn(norm("input_layernorm")(x), bias, positions)
         return x + LlamaMLP(c, self.dtype, name="mlp")(norm("post_attention_layernorm")(x))
@@ -205,8 +205,9 @@ class LlamaForCausalLM(nn.Module):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, decoder_input_ids=None,
-                 decoder_attention_mask=None):
+    def __call__(
+        self, input_ids, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None
+    ):
         c = self.config
         model = LlamaModel(c, self.dtype, self.remat, name="model")
         x = model(input_ids, attention_mask)
@@ -230,14 +231,20 @@ def param_names(c: LlamaConfig) -> list[ParamName]:
         ParamName("model.norm.weight", ("model", "norm", "scale")),
     ]
     if c.tie_word_embeddings:
-        names.append(ParamName("lm_head.weight", embed, optional=True,
-                               tied_to="model.embed_tokens.weight"))
+        names.append(
+            ParamName("lm_head.weight", embed, optional=True, tied_to="model.embed_tokens.weight")
+        )
     else:
         names.append(ParamName("lm_head.weight", ("lm_head", "kernel"), "linear"))
-    linears = [("self_attn", "q_proj", c.qkv_bias), ("self_attn", "k_proj", c.qkv_bias),
-               ("self_attn", "v_proj", c.qkv_bias), ("self_attn", "o_proj", c.o_bias),
-               ("mlp", "gate_proj", c.mlp_bias), ("mlp", "up_proj", c.mlp_bias),
-               ("mlp", "down_proj", c.mlp_bias)]
+    linears = [
+        ("self_attn", "q_proj", c.qkv_bias),
+        ("self_attn", "k_proj", c.qkv_bias),
+        ("self_attn", "v_proj", c.qkv_bias),
+        ("self_attn", "o_proj", c.o_bias),
+        ("mlp", "gate_proj", c.mlp_bias),
+        ("mlp", "up_proj", c.mlp_bias),
+        ("mlp", "down_proj", c.mlp_bias),
+    ]
     for i in range(c.num_hidden_layers):
         hf, p = f"model.layers.{i}", ("model", f"layers_{i}")
         for norm in ("input_layernorm", "post_attention_layernorm"):
@@ -270,4 +277,4 @@ ARCH = register(
     )
 )
 
-__all__ = ["LlamaConfig", "LlamaForCausalLM", "ARCH"]
+__all__ = ["ARCH", "LlamaConfig", "LlamaForCausalLM"]

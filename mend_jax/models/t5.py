@@ -43,7 +43,7 @@ class T5Config:
     tie_word_embeddings: bool
 
     @classmethod
-    def from_hf(cls, c) -> "T5Config":
+    def from_hf(cls, c) -> T5Config:
         ff = c.feed_forward_proj.split("-")
         act = "gelu_new" if c.feed_forward_proj == "gated-gelu" else ff[-1]
         # transformers >= 5 forces `tie_word_embeddings=True` on every T5Config and keeps the
@@ -116,7 +116,7 @@ class T5Attention(nn.Module):
         B, Tq, _ = x.shape
         Tk = kv.shape[1]
         inner = c.num_heads * c.d_kv
-        lin = lambda name: Linear(inner, use_bias=False, dtype=self.dtype, name=name)  # noqa: E731
+        lin = lambda name: Linear(inner, use_bias=False, dtype=self.dtype, name=name)
         q = lin("q")(x).reshape(B, Tq, c.num_heads, c.d_kv)
         k = lin("k")(kv).reshape(B, Tk, c.num_heads, c.d_kv)
         v = lin("v")(kv).reshape(B, Tk, c.num_heads, c.d_kv)
@@ -168,7 +168,7 @@ class T5DenseReluDense(nn.Module):
     def __call__(self, x):
         c = self.config
         act = activation(c.dense_act_fn)
-        lin = lambda d, name: Linear(d, use_bias=False, dtype=self.dtype, name=name)  # noqa: E731
+        lin = lambda d, name: Linear(d, use_bias=False, dtype=self.dtype, name=name)
         if c.is_gated_act:
             h = act(lin(c.d_ff, "wi_0")(x)) * lin(c.d_ff, "wi_1")(x)
         else:
@@ -220,7 +220,7 @@ class T5Stack(nn.Module):
     @nn.compact
     def __call__(self, x, attention_mask, encoder_hidden=None, encoder_attention_mask=None):
         c = self.config
-        B, T, _ = x.shape
+        T = x.shape[1]
         mask_bias = attention_bias(attention_mask, T, T, causal=self.is_decoder,
                                    dtype=jnp.float32)
         enc_bias = None
