@@ -44,7 +44,14 @@ class MENDConfig:
             raise ValueError(f"act must be one of {sorted(_ACTS)}, got {self.act!r}")
 
 
-_ACTS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "silu": jax.nn.silu, "tanh": jnp.tanh,
+def _clamp_relu(x):
+    # torch's clamp(min=0), which the reference uses, passes the gradient at exactly 0; jax.nn.relu
+    # does not. With init "id" every pre-activation starts at exactly 0, so jax.nn.relu would
+    # leave the editor stuck at the identity forever.
+    return jnp.where(x >= 0, x, 0.0)
+
+
+_ACTS = {"relu": _clamp_relu, "gelu": jax.nn.gelu, "silu": jax.nn.silu, "tanh": jnp.tanh,
          "identity": lambda x: x}
 
 
