@@ -1,0 +1,92 @@
+"""Composable YAML configs with command-line `key=value` overrides (in the spirit of Hydra).
+
+`configs/config.yaml` names one file per group under `defaults` (model, data, alg); a `group=name`
+override picks `configs/<group>/<name>.yaml` instead, and dotted `a.b.c=value` overrides set any
+key (values parsed as YAML: numbers, booleans, lists). Unknown keys fail with the closest ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+GROUPS = ("model", "data", "alg")
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be applied."""
+
+
+def _read(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def _choices(config_dir: Path, group: str) -> list[str]:
+    return sorted(p.stem for p in (config_dir / group).glob("*.yaml"))
+
+
+def _set(cfg: dict, dotted: str, value: Any, allow_new: bool) -> None:
+    keys = dotted.split(".")
+    node = cfg
+    for i, key in enumerate(keys):
+        last = i == len(keys) - 1
+        if key not in node and not allow_new:
+            close = difflib.get_close_matches(key, list(node), n=3)
+            where = ".".join(keys[:i]) or "<top>"
+            raise ConfigError(f"override {dotted!r}: no key {key!r} under {where}; "
+                              f"closest: {close or sorted(node)}")
+        if last:
+            node[key] = value
+        else:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {dotted!r}: {'.'.join(keys[:i + 1])} is not a mapping")
+
+
+def load_config(overrides: Sequence[str] = (), config_dir: str | Path | None = None) -> dict:
+    """The composed config: base file, group files, then overrides (`+key=value` adds a key)."""
+    config_dir = Path(config_dir) if config_dir else CONFIG_DIR
+    base = _read(config_dir / "config.yaml")
+    defaults = dict(base.pop("defaults", {}))
+    group_picks, key_overrides = {}, []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        if key in GROUPS:
+            group_picks[key] = raw
+        else:
+            key_overrides.append((key, raw))
+    cfg = copy.deepcopy(base)
+    for group in GROUPS:
+        name = group_picks.get(group, defaults.get(group))
+        if name is None:
+            continue
+        path = config_dir / group / f"{name}.yaml"
+        if not path.exists():
+            raise ConfigError(f"{group}={name}: no {path}; choices: {_choices(config_dir, group)}")
+        cfg[group] = _read(path)
+        cfg[group]["_name"] = name
+    for key, raw in key_overrides:
+        allow_new = key.startswith("+")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        _set(cfg, key.lstrip("+"), value, allow_new)
+    return cfg
+
+
+def dump_config(cfg: dict) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False)

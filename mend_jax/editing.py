@@ -1,0 +1,59 @@
+"""One edit, reported the way a person checks it: generations and target probabilities."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mend_jax.capture import model_inputs
+from mend_jax.data import tokenize_pairs
+from mend_jax.metrics import sequence_nll
+from mend_jax.models import generate
+
+
+def _target_prob(model, params, batch) -> np.ndarray:
+    logits = model.logits(params, *model_inputs(batch))
+    return np.exp(-np.asarray(sequence_nll(logits, batch["labels"], shift=not model.seq2seq)))
+
+
+def _generate(model, params, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+    enc = tokenizer(list(prompts), padding=True, return_tensors="np")
+    out = generate(model, params, jnp.asarray(enc["input_ids"], jnp.int32), max_new_tokens,
+                   attention_mask=jnp.asarray(enc["attention_mask"], jnp.int32),
+                   eos_token_id=tokenizer.eos_token_id)
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in np.asarray(out)]
+
+
+def edit_report(model, tokenizer, editor, editor_state, prompt: str, target: str, *,
+                rephrases: Sequence[str] = (), neighbors: Sequence[str] = (), max_length: int,
+                max_new_tokens: int = 6) -> tuple[dict, dict]:
+    """Edit prompt -> target; return (report rows, edited params)."""
+    batch = {k: jnp.asarray(v) for k, v in tokenize_pairs(
+        tokenizer, [prompt], [target], seq2seq=model.seq2seq, max_length=max_length).items()
+        if k != "truncated"}
+    new_params = jax.jit(editor.edit)(editor_state, model.params, batch)
+    prompts = [prompt, *rephrases, *neighbors]
+    kinds = ["edit"] + ["rephrase"] * len(rephrases) + ["neighbor"] * len(neighbors)
+    probe = {k: jnp.asarray(v) for k, v in tokenize_pairs(
+        tokenizer, prompts, [target] * len(prompts), seq2seq=model.seq2seq,
+        max_length=max_length).items() if k != "truncated"}
+    p_before = _target_prob(model, model.params, probe)
+    p_after = _target_prob(model, new_params, probe)
+    gen_before = _generate(model, model.params, tokenizer, prompts, max_new_tokens)
+    gen_after = _generate(model, new_params, tokenizer, prompts, max_new_tokens)
+    rows = [{"kind": k, "prompt": p, "p_target_before": float(b), "p_target_after": float(a),
+             "before": gb, "after": ga}
+            for k, p, b, a, gb, ga in zip(kinds, prompts, p_before, p_after, gen_before, gen_after)]
+    return {"target": target, "rows": rows}, new_params
+
+
+def format_report(report: dict) -> str:
+    lines = [f"target: {report['target']!r}"]
+    for r in report["rows"]:
+        lines.append(f"[{r['kind']}] {r['prompt']}")
+        lines.append(f"    before: {r['before']!r}  p(target)={r['p_target_before']:.3f}")
+        lines.append(f"    after:  {r['after']!r}  p(target)={r['p_target_after']:.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,343 @@
+"""Held-out evaluation of an editor: edit success, generality, locality, drawdown, KL, timing.
+
+Requests are edited in groups of `n_edits` (k requests in ONE `editor.edit` call); every group
+is measured by one jitted function (the edit plus every forward pass), on fixed-shape batches
+tokenised once up front, so the loop costs one dispatch per group. Metric names follow MEND
+(`edit_success`, `generality`, `drawdown`, `locality_kl`) and EasyEdit (`reliability`,
+`generalization`, `locality`, `portability`).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mend_jax.capture import model_inputs
+from mend_jax.data.batching import tokenize_pairs
+from mend_jax.data.request import EditRequest
+from mend_jax.editors.ft import FineTune
+from mend_jax.metrics import IGNORE, loc_mask, sequence_correct, token_log_probs
+
+METRIC_KEYS = (
+    "edit_success", "generality", "drawdown", "locality_kl", "loc_acc_pre", "loc_acc_post",
+    "neighborhood_acc", "pre_edit_success", "n_edits", "n_examples", "edit_time_s",
+    "reliability", "generalization", "locality", "portability",
+)
+_MODEL_KEYS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask",
+               "labels")
+# Probe kinds that are only measured after the edit: (kind, the request's (prompt, target) pairs).
+_PROBES: dict[str, Callable[[EditRequest], Sequence[tuple[str, str]]]] = {
+    "edit_outer": lambda r: [(p, r.target_new) for p in r.rephrases] or [(r.prompt, r.target_new)],
+    "neighborhood": lambda r: r.neighborhood,
+    "portability": lambda r: r.portability,
+}
+
+
+# ----------------------------------------------------------------------------- batches
+def _tokenize(tokenizer, pairs, **kw) -> dict[str, np.ndarray]:
+    batch = tokenize_pairs(tokenizer, [p for p, _ in pairs], [t for _, t in pairs], **kw)
+    return {k: v for k, v in batch.items() if k in _MODEL_KEYS}
+
+
+def _grouped(batch: dict[str, np.ndarray], n_groups: int) -> dict[str, np.ndarray]:
+    return {k: v.reshape(n_groups, -1, *v.shape[1:]) for k, v in batch.items()}
+
+
+def _prepare(requests: Sequence[EditRequest], tokenizer, k: int, **kw) -> tuple[dict, dict]:
+    """(batches [G, rows, L] per kind, row weights [G, k, width] per probe kind)."""
+    n_groups = len(requests) // k
+    batches = {
+        "edit_inner": _tokenize(tokenizer, [(r.prompt, r.target_new) for r in requests], **kw),
+        "loc": _tokenize(tokenizer, [(r.loc_prompt, r.loc_target) for r in requests], **kw),
+    }
+    weights = {}
+    for kind, pairs_of in _PROBES.items():
+        per_request = [list(pairs_of(r)) for r in requests]
+        width = max(len(p) for p in per_request)
+        if width == 0:
+            continue  # no request has this probe: the metric is None
+        pairs, w = [], np.zeros((len(requests), width), np.float32)
+        for i, (r, own) in enumerate(zip(requests, per_request)):
+            w[i, : len(own)] = 1.0
+            # Padding rows repeat a real pair (so they tokenise) and carry weight 0.
+            filler = own[0] if own else (r.prompt, r.target_new)
+            pairs += own + [filler] * (width - len(own))
+        batches[kind] = _tokenize(tokenizer, pairs, **kw)
+        weights[kind] = w.reshape(n_groups, k, width)
+    return {kind: _grouped(b, n_groups) for kind, b in batches.items()}, weights
+
+
+# ----------------------------------------------------------------------------- the jitted core
+def _chunked(fn: Callable, rows: dict, batch_size: int | None) -> dict:
+    """fn over the rows in chunks of `batch_size` (lax.map, so one compiled forward)."""
+    n = rows["input_ids"].shape[0]
+    if batch_size is None or batch_size >= n:
+        return fn(rows)
+    n_chunks = -(-n // batch_size)
+    pad = n_chunks * batch_size - n
+    # Pad by repeating real rows: an all-padding row could give NaNs in some attention kernels.
+    chunks = jax.tree.map(
+        lambda x: jnp.concatenate([x, x[:pad]] if pad else [x]).reshape(
+            n_chunks, batch_size, *x.shape[1:]), rows)
+    out = jax.lax.map(fn, chunks)
+    return jax.tree.map(lambda x: x.reshape(n_chunks * batch_size, *x.shape[2:])[:n], out)
+
+
+def _paired_stats(model, base_params, new_params, rows) -> dict:
+    """Per-row statistics that compare the base and the edited model on the same rows."""
+    shift = not model.seq2seq
+    inputs = model_inputs(rows)
+    base = model.logits(base_params, *inputs)
+    post = model.logits(new_params, *inputs)
+    labels = rows["labels"]
+    # EasyEdit's locality: teacher-forced target positions whose argmax the edit left unchanged.
+    b, p, lab = (base[:, :-1], post[:, :-1], labels[:, 1:]) if shift else (base, post, labels)
+    counted = lab != IGNORE
+    same = (jnp.argmax(b, -1) == jnp.argmax(p, -1)) & counted
+    # KL(p_base ‖ p_edited) summed per row over the same mask as `metrics.locality_kl`.
+    lp_base = jax.nn.log_softmax(base.astype(jnp.float32), -1)
+    lp_post = jax.nn.log_softmax(post.astype(jnp.float32), -1)
+    kl = (jnp.exp(lp_base) * (lp_base - lp_post)).sum(-1)
+    kl_mask = loc_mask(rows, model.seq2seq).astype(jnp.float32)
+    logp_pre, mask = token_log_probs(base, labels, shift)
+    logp_post, _ = token_log_probs(post, labels, shift)
+    return {
+        "correct_pre": sequence_correct(base, labels, shift),
+        "correct_post": sequence_correct(post, labels, shift),
+        "unchanged": same.sum(-1) / jnp.maximum(counted.sum(-1), 1),
+        "kl_sum": (kl * kl_mask).sum(-1),
+        "kl_count": kl_mask.sum(-1),
+        "nll_pre": -(logp_pre * mask).sum(-1),
+        "nll_post": -(logp_post * mask).sum(-1),
+        "n_tokens": mask.sum(-1),
+    }
+
+
+def _post_stats(model, new_params, rows) -> dict:
+    post = model.logits(new_params, *model_inputs(rows))
+    return {"correct_post": sequence_correct(post, rows["labels"], not model.seq2seq)}
+
+
+def _concat(batches: Sequence[dict]) -> dict:
+    return {k: jnp.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+
+def _split(stats: dict, sizes: Sequence[int]) -> list[dict]:
+    bounds = np.cumsum(sizes)[:-1].tolist()
+    parts = {k: jnp.split(v, bounds) for k, v in stats.items()}
+    return [{k: v[i] for k, v in parts.items()} for i in range(len(sizes))]
+
+
+def _edit_batch(editor, group: dict) -> Any:
+    # FT (and FT+KL) take the locality examples too; MEND edits from edit_inner alone.
+    if isinstance(editor, FineTune):
+        return {"edit_inner": group["edit_inner"], "loc": group["loc"]}
+    return group["edit_inner"]
+
+
+def _group_fn(model, editor, batch_size: int | None) -> Callable:
+    """Jitted (editor_state, model_params, group) -> per-row statistics of one edit group."""
+
+    def run(editor_state, model_params, group):
+        new_params = editor.edit(editor_state, model_params, _edit_batch(editor, group))
+        paired_kinds = ("edit_inner", "loc")
+        paired = _chunked(lambda r: _paired_stats(model, model_params, new_params, r),
+                          _concat([group[k] for k in paired_kinds]), batch_size)
+        out = dict(zip(paired_kinds, _split(
+            paired, [group[k]["input_ids"].shape[0] for k in paired_kinds])))
+        probe_kinds = [k for k in _PROBES if k in group]
+        post = _chunked(lambda r: _post_stats(model, new_params, r),
+                        _concat([group[k] for k in probe_kinds]), batch_size)
+        out.update(zip(probe_kinds, _split(
+            post, [group[k]["input_ids"].shape[0] for k in probe_kinds])))
+        return out
+
+    return jax.jit(run)
+
+
+# ----------------------------------------------------------------------------- aggregation
+def _probe_accuracy(correct: np.ndarray, weights: np.ndarray | None) -> float | None:
+    """Mean over requests (that have the probe) of the fraction of their probes correct."""
+    if weights is None:
+        return None
+    correct = correct.reshape(weights.shape).astype(np.float64)
+    n = weights.sum(-1)
+    has = n > 0
+    return float(((correct * weights).sum(-1)[has] / n[has]).mean())
+
+
+def _time_edits(editor, editor_state, model_params, groups: list[dict], n: int) -> float | None:
+    """Mean wall time of one jitted `editor.edit` call, compile excluded."""
+    if n <= 0:
+        return None
+    edit = jax.jit(editor.edit)
+    jax.block_until_ready(edit(editor_state, model_params, _edit_batch(editor, groups[0])))
+    times = []
+    for group in groups[:n]:
+        batch = _edit_batch(editor, group)
+        start = time.perf_counter()
+        jax.block_until_ready(edit(editor_state, model_params, batch))
+        times.append(time.perf_counter() - start)
+    return float(np.mean(times))
+
+
+def evaluate_editor(
+    model,
+    editor,
+    editor_state,
+    model_params,
+    requests: Sequence[EditRequest],
+    tokenizer,
+    *,
+    n_edits: int = 1,
+    max_length: int,
+    batch_size: int | None = None,
+    seed: int | None = 0,
+    progress: bool = False,
+    perplexity: bool = False,
+    max_target_length: int | None = None,
+    timed_edits: int = 3,
+) -> dict[str, Any]:
+    """Edit `requests` k = `n_edits` at a time and measure every group; returns flat metrics.
+
+    Args:
+      model: the `Model` that `editor` edits (its `seq2seq` picks the label alignment).
+      requests: shuffled with `seed` (None keeps their order), then cut into groups of
+        `n_edits`; the incomplete last group is dropped. A group's locality examples are its
+        requests' loc pairs; generality averages over all of a request's rephrases.
+      batch_size: most rows per forward pass inside the jitted group function (None: all).
+      perplexity: also report `ppl_drawdown` = ppl_post / ppl_pre − 1 on the locality targets
+        (Wikitext-style generation edits).
+      timed_edits: how many groups' edits are timed (separately jitted, compile excluded) for
+        `edit_time_s`; 0 skips timing (`edit_time_s` is None).
+    Returns:
+      The keys of `METRIC_KEYS` (+ `ppl_drawdown`); `neighborhood_acc` and `portability` are
+      None when no request has such probes.
+    """
+    if n_edits < 1:
+        raise ValueError(f"n_edits must be >= 1, got {n_edits}")
+    requests = list(requests)
+    if seed is not None:
+        requests = [requests[i] for i in np.random.default_rng(seed).permutation(len(requests))]
+    n_groups = len(requests) // n_edits
+    if n_groups == 0:
+        raise ValueError(f"n_edits={n_edits} but only {len(requests)} requests to evaluate")
+    requests = requests[: n_groups * n_edits]
+    batches, weights = _prepare(requests, tokenizer, n_edits, seq2seq=model.seq2seq,
+                                max_length=max_length, max_target_length=max_target_length)
+    groups = [jax.tree.map(lambda x, g=g: x[g], batches) for g in range(n_groups)]
+
+    run = _group_fn(model, editor, batch_size)
+    stats, start = [], time.perf_counter()
+    for g, group in enumerate(groups):
+        stats.append(run(editor_state, model_params, group))
+        if progress and ((g + 1) % max(1, n_groups // 10) == 0 or g + 1 == n_groups):
+            print(f"evaluated {g + 1}/{n_groups} groups of {n_edits} "
+                  f"({time.perf_counter() - start:.1f}s)", file=sys.stderr, flush=True)
+    stats = jax.device_get(stats)
+    cat = {kind: {k: np.stack([s[kind][k] for s in stats]) for k in stats[0][kind]}
+           for kind in stats[0]}  # each [G, rows]
+    inner, loc = cat["edit_inner"], cat["loc"]
+
+    def probe(kind):
+        return _probe_accuracy(cat[kind]["correct_post"], weights.get(kind)) if kind in cat \
+            else None
+
+    edit_success = float(inner["correct_post"].mean())
+    generality = probe("edit_outer")
+    acc_pre, acc_post = float(loc["correct_pre"].mean()), float(loc["correct_post"].mean())
+    # KL averaged over the counted tokens of each group (as the reference's batches), then groups.
+    kl = float(np.mean(loc["kl_sum"].sum(-1) / np.maximum(loc["kl_count"].sum(-1), 1.0)))
+    locality = float(loc["unchanged"].mean())
+    result = {
+        "edit_success": edit_success,
+        "generality": generality,
+        "drawdown": acc_pre - acc_post,
+        "locality_kl": kl,
+        "loc_acc_pre": acc_pre,
+        "loc_acc_post": acc_post,
+        "neighborhood_acc": probe("neighborhood"),
+        "pre_edit_success": float(inner["correct_pre"].mean()),
+        "n_edits": n_edits,
+        "n_examples": n_groups * n_edits,
+        "edit_time_s": _time_edits(editor, editor_state, model_params, groups, timed_edits),
+        "reliability": edit_success,
+        "generalization": generality,
+        "locality": locality,
+        "portability": probe("portability"),
+    }
+    if perplexity:
+        tokens = max(float(loc["n_tokens"].sum()), 1.0)
+        ppl_pre = math.exp(float(loc["nll_pre"].sum()) / tokens)
+        ppl_post = math.exp(float(loc["nll_post"].sum()) / tokens)
+        result["ppl_drawdown"] = ppl_post / ppl_pre - 1.0
+    return result
+
+
+def evaluate_methods(
+    model, editors: Mapping[str, tuple[Any, Any]], model_params, requests, tokenizer, **kw
+) -> dict[str, dict[str, Any]]:
+    """`evaluate_editor` for every {name: (editor, editor_state)}, on the same requests."""
+    return {name: evaluate_editor(model, editor, state, model_params, requests, tokenizer, **kw)
+            for name, (editor, state) in editors.items()}
+
+
+# ----------------------------------------------------------------------------- reporting
+_COLUMNS = (("ES", "edit_success"), ("generality", "generality"), ("drawdown", "drawdown"),
+            ("KL", "locality_kl"), ("locality", "locality"), ("n", "n_examples"))
+
+
+def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
+    """A fixed-width text table, one row per method."""
+    width = max([len("method")] + [len(name) for name in results])
+    head = f"{'method':<{width}}" + "".join(f" {title:>10}" for title, _ in _COLUMNS)
+    lines = [head, "-" * len(head)]
+    for name, metrics in results.items():
+        cells = []
+        for _, key in _COLUMNS:
+            v = metrics.get(key)
+            cells.append("-" if v is None else f"{v:d}" if isinstance(v, int) else f"{v:.4f}")
+        lines.append(f"{name:<{width}}" + "".join(f" {c:>10}" for c in cells))
+    return "\n".join(lines)
+
+
+def plot_vs_n_edits(results_by_n: Mapping[int, Mapping[str, Mapping[str, Any]]],
+                    path: str | Path) -> Path:
+    """PNG of edit success / generality / drawdown against the number of simultaneous edits."""
+    # The object-oriented API with an Agg canvas: no pyplot global state, no display needed.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    ns = sorted(results_by_n)
+    methods = list(dict.fromkeys(m for n in ns for m in results_by_n[n]))
+    fig = Figure(figsize=(12, 3.6))
+    FigureCanvasAgg(fig)
+    panels = (("edit_success", "edit success"), ("generality", "generality"),
+              ("drawdown", "drawdown"))
+    for i, (key, title) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        for method in methods:
+            pts = [(n, results_by_n[n][method].get(key)) for n in ns
+                   if method in results_by_n[n]]
+            pts = [(n, v) for n, v in pts if v is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=method)
+        ax.set_xscale("log" if len(ns) > 1 and ns[-1] / max(ns[0], 1) >= 8 else "linear")
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.set_xlabel("simultaneous edits")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    fig.axes[0].legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path

@@ -1,0 +1,146 @@
+"""The loop around the pure meta-training step: batches, validation, early stopping, checkpoints.
+
+Batches are a pure function of (seed, step), so a run resumed from its latest checkpoint sees
+exactly the batches an uninterrupted run would have seen and ends with the same editor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from mend_jax.checkpoint import Checkpoints
+from mend_jax.data import EditRequest, make_edit_batch
+from mend_jax.training import MetaTrainer
+
+log = logging.getLogger(__name__)
+
+VAL_SEED_OFFSET = 1_000_003
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    max_steps: int = 500_000
+    batch_size: int = 10
+    n_edits: int = 1
+    val_every: int = 5000
+    val_batches: int = 100
+    early_stop_patience: int = 20_000
+    save_every: int = 1000
+    log_every: int = 100
+
+
+def batch_at(requests: Sequence[EditRequest], tokenizer, *, seed: int, step: int,
+             batch_size: int, n_edits: int, seq2seq: bool, max_length: int) -> dict:
+    """The training batch of a given step: a pure function of (seed, step)."""
+    rng = np.random.default_rng([seed, step])
+    idx = rng.choice(len(requests), size=min(batch_size, len(requests)), replace=False)
+    batch = make_edit_batch(tokenizer, [requests[i] for i in idx], seq2seq=seq2seq,
+                            max_length=max_length, rng=rng, n_edits=n_edits)
+    return _to_device(batch)
+
+
+def _to_device(batch: dict) -> dict:
+    out = {}
+    for key, part in batch.items():
+        if isinstance(part, dict):
+            out[key] = {k: jnp.asarray(v) for k, v in part.items() if k != "truncated"}
+    return out
+
+
+def _mean(ms: list[dict]) -> dict:
+    return {k: float(np.mean([float(m[k]) for m in ms])) for k in ms[0]}
+
+
+def validate(trainer: MetaTrainer, eval_step, editor_state, model_params, requests, tokenizer,
+             *, cfg: LoopConfig, seed: int, max_length: int) -> dict:
+    metrics = []
+    for i in range(cfg.val_batches):
+        batch = batch_at(requests, tokenizer, seed=seed + VAL_SEED_OFFSET, step=i,
+                         batch_size=cfg.batch_size, n_edits=cfg.n_edits,
+                         seq2seq=trainer.model.seq2seq, max_length=max_length)
+        metrics.append(eval_step(editor_state, model_params, batch))
+    return _mean(metrics)
+
+
+def train_editor(trainer: MetaTrainer, model_params, train_requests, val_requests, tokenizer, *,
+                 run_dir: str | Path, cfg: LoopConfig, seed: int, max_length: int,
+                 resume: bool = False, progress: bool = True, meta: dict | None = None) -> dict:
+    """Meta-train until max_steps or early stopping; returns the summary (best step, val loss)."""
+    run_dir = Path(run_dir)
+    ckpt = Checkpoints(run_dir)
+    state = trainer.init(jax.random.key(seed))
+    book = {"step": 0, "best_val_edit_loss": None, "best_step": None, "since_best": 0,
+            "n_skipped": 0, "val_history": [], "config": meta or {}}
+    if resume:
+        got = ckpt.restore_latest(state)
+        if got is not None:
+            state, book = got
+            log.info("resumed from step %d", book["step"])
+    elif ckpt.latest_step() is not None:
+        raise FileExistsError(f"{run_dir}: holds checkpoints already; pass --resume to continue "
+                              "or choose another out_dir")
+    step_fn = jax.jit(trainer.step, donate_argnums=0)
+    eval_step = jax.jit(trainer.eval_step)
+    from tensorboardX import SummaryWriter
+
+    writer = SummaryWriter(str(run_dir / "tb"), purge_step=book["step"] or None)
+    seq2seq = trainer.model.seq2seq
+    start = book["step"]
+    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps,
+               desc="meta-train", disable=not progress, mininterval=1)
+    stopped_early = False
+    t0 = time.time()
+    for step in bar:
+        batch = batch_at(train_requests, tokenizer, seed=seed, step=step,
+                         batch_size=cfg.batch_size, n_edits=cfg.n_edits, seq2seq=seq2seq,
+                         max_length=max_length)
+        state, metrics = step_fn(state, model_params, batch)
+        book["step"] = step + 1
+        if float(metrics["skipped"]):
+            log.warning("step %d: non-finite loss or gradient, update skipped", step)
+        if step % cfg.log_every == 0 or step + 1 == cfg.max_steps:
+            m = {k: float(v) for k, v in metrics.items()}
+            for k, v in m.items():
+                writer.add_scalar(f"train/{k}", v, step)
+            bar.set_postfix(loss=f"{m['loss']:.3f}", ES=f"{m['edit_acc']:.2f}",
+                            kl=f"{m['locality_kl']:.3f}")
+        done = step + 1 == cfg.max_steps
+        if (step + 1) % cfg.val_every == 0 or done:
+            val = validate(trainer, eval_step, state["editor"], model_params, val_requests,
+                           tokenizer, cfg=cfg, seed=seed, max_length=max_length)
+            for k, v in val.items():
+                writer.add_scalar(f"val/{k}", v, step + 1)
+            book["val_history"].append({"step": step + 1, **val})
+            best = book["best_val_edit_loss"]
+            if best is None or val["edit_loss"] < best:
+                book.update(best_val_edit_loss=val["edit_loss"], best_step=step + 1,
+                            since_best=0)
+                ckpt.save_best(step + 1, {"editor": state["editor"]}, book)
+            else:
+                book["since_best"] += cfg.val_every
+            log.info("step %d val %s", step + 1, json.dumps({k: round(v, 4) for k, v in val.items()}))
+            if book["since_best"] >= cfg.early_stop_patience:
+                stopped_early = True
+        if (step + 1) % cfg.save_every == 0 or done or stopped_early:
+            book["n_skipped"] = int(state["n_skipped"])
+            ckpt.save_latest(step + 1, state, book)
+        if stopped_early:
+            log.info("early stop at step %d (best %s)", step + 1, book["best_step"])
+            break
+    bar.close()
+    writer.close()
+    ckpt.close()
+    book["n_skipped"] = int(state["n_skipped"])
+    book["stopped_early"] = stopped_early
+    book["train_time_s"] = time.time() - t0
+    return book

@@ -1,0 +1,197 @@
+"""The whole job, as library functions the CLIs call: prepare, meta-train, evaluate.
+
+`prepare(cfg)` gives the base model, its tokenizer and the edit splits; `train(cfg)` meta-trains
+MEND and evaluates it against the baselines; `evaluate_run(run_dir)` re-evaluates a trained run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import yaml
+
+from mend_jax.checkpoint import load_best_editor
+from mend_jax.config import dump_config
+from mend_jax.data import (
+    EditRequest,
+    benchmark_texts,
+    build_geonames_benchmark,
+    build_word_tokenizer,
+    load_requests,
+    write_benchmark,
+)
+from mend_jax.editors import MEND, MENDConfig, make_editor
+from mend_jax.evaluation import evaluate_editor, format_table
+from mend_jax.loop import LoopConfig, train_editor
+from mend_jax.models import Model, load_pretrained
+from mend_jax.training import MetaTrainer, TrainConfig
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+METHODS = ("mend", "untrained", "ft", "ft_l", "ft_kl")
+
+
+@dataclass
+class Prepared:
+    model: Model
+    tokenizer: Any
+    splits: dict[str, list[EditRequest]]
+    info: dict
+
+
+def _dtype(name: str):
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def prepare(cfg: dict, progress: bool | None = None) -> Prepared:
+    """Base model + tokenizer + train/val/test requests, as the config says."""
+    progress = cfg.get("progress", True) if progress is None else progress
+    mcfg, dcfg = cfg["model"], cfg["data"]
+    info: dict = {}
+    if dcfg["format"] == "geonames":
+        bench = build_geonames_benchmark(seed=cfg["seed"], n_val=dcfg["n_val"],
+                                         n_test=dcfg["n_test"], n_train=dcfg.get("n_train"))
+        paths = write_benchmark(bench, Path(cfg["out_dir"]) / "data")
+        # Read the splits back through the real zsRE loader: the default exercises the same path
+        # a user's data file takes.
+        splits = {s: load_requests(paths[f"{s}.zsre"], "zsre") for s in ("train", "val", "test")}
+        info["data_files"] = {k: str(v) for k, v in paths.items()}
+    else:
+        bench = None
+        splits = {s: load_requests(dcfg[f"{s}_path"], dcfg.get("format"),
+                                   loc_path=dcfg.get("loc_path"))
+                  for s in ("train", "val", "test")}
+    if mcfg.get("name") is None:
+        if bench is None:
+            raise ValueError("model.name is null (build a base model) but data is not geonames: "
+                             "name a checkpoint folder or hub name with model.name=...")
+        from mend_jax.pretrain import cached_base_model
+
+        tokenizer = build_word_tokenizer(benchmark_texts(bench))
+        pre = dict(mcfg["pretrain"], max_length=mcfg["max_length"], seed=cfg["seed"])
+        model, acc = cached_base_model(cfg["cache_dir"], bench["facts"], tokenizer,
+                                       dict(mcfg["build"]), pre, progress=progress)
+        info["base_fact_accuracy"] = acc
+        if cfg.get("dtype", "float32") != "float32":
+            model = Model(model.arch, model.config, model.hf_config, model.module,
+                          jax.tree.map(lambda x: x.astype(_dtype(cfg["dtype"])), model.params),
+                          model.tokenizer, _dtype(cfg["dtype"]))
+    else:
+        model = load_pretrained(mcfg["name"], dtype=_dtype(cfg.get("dtype", "float32")))
+        tokenizer = model.tokenizer
+        if tokenizer is None:
+            raise ValueError(f"{mcfg['name']}: no tokenizer files next to the checkpoint")
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    if cfg.get("remat"):
+        model = model.with_remat(True)
+    info.update({k: len(v) for k, v in splits.items()})
+    return Prepared(model, tokenizer, splits, info)
+
+
+def inner_params(cfg: dict, model: Model) -> list[str]:
+    return cfg["model"].get("inner_params") or model.default_inner_params()
+
+
+def build_mend(cfg: dict, model: Model) -> MEND:
+    return MEND(model, inner_params(cfg, model), MENDConfig(**cfg["alg"]["editor"]))
+
+
+def evaluate_all(cfg: dict, prep: Prepared, mend: MEND, editor_state: dict, *,
+                 methods=None, requests=None, n_edits: int | None = None,
+                 progress: bool = False) -> dict:
+    """Held-out metrics of every method on the same requests."""
+    ecfg = cfg["eval"]
+    methods = list(methods or ecfg["methods"])
+    requests = list(requests if requests is not None else prep.splits[ecfg["split"]])
+    if ecfg.get("max_examples"):
+        requests = requests[: ecfg["max_examples"]]
+    n_edits = n_edits or ecfg["n_edits"]
+    model, names = prep.model, inner_params(cfg, prep.model)
+    results = {}
+    for method in methods:
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+        if method == "mend":
+            editor, state = mend, editor_state
+        elif method == "untrained":
+            editor, state = mend, mend.init(jax.random.key(cfg["seed"]))
+        else:
+            opts = dict(cfg["alg"].get("baselines", {}).get(method, {}))
+            editor = make_editor(method, model, names, **opts)
+            state = editor.init(None)
+        t = time.time()
+        results[method] = evaluate_editor(
+            model, editor, state, model.params, requests, prep.tokenizer, n_edits=n_edits,
+            max_length=cfg["model"]["max_length"], seed=cfg["seed"], progress=progress,
+            perplexity=cfg["data"]["format"] == "wikitext")
+        log.info("%s evaluated in %.1fs", method, time.time() - t)
+    return results
+
+
+def train(cfg: dict, *, resume: bool = False) -> tuple[Path, dict]:
+    """Meta-train MEND as configured, then evaluate all methods; writes results.json."""
+    run_dir = Path(cfg["out_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    t0 = time.time()
+    prep = prepare(cfg)
+    t_prep = time.time() - t0
+    mend = build_mend(cfg, prep.model)
+    trainer = MetaTrainer(mend, TrainConfig(**cfg["alg"]["train"]))
+    loop_cfg = LoopConfig(**cfg["alg"]["loop"])
+    summary = train_editor(trainer, prep.model.params, prep.splits["train"], prep.splits["val"],
+                           prep.tokenizer, run_dir=run_dir, cfg=loop_cfg, seed=cfg["seed"],
+                           max_length=cfg["model"]["max_length"], resume=resume,
+                           progress=cfg.get("progress", True))
+    editor_state, _ = load_best_editor(run_dir, mend.init(jax.random.key(0)))
+    t1 = time.time()
+    results = evaluate_all(cfg, prep, mend, editor_state, progress=cfg.get("progress", True))
+    out = {
+        **results,
+        "_run": {"split": cfg["eval"]["split"], "info": prep.info, "best_step": summary["best_step"],
+                 "steps": summary["step"], "n_skipped": summary["n_skipped"],
+                 "prepare_time_s": t_prep, "train_time_s": summary["train_time_s"],
+                 "eval_time_s": time.time() - t1},
+    }
+    write_results(run_dir / "results.json", out)
+    return run_dir, out
+
+
+def write_results(path: Path, results: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(path)
+
+
+def load_run(run_dir: str | Path, overrides: dict | None = None) -> tuple[dict, Prepared, MEND,
+                                                                          dict]:
+    """(config, prepared model/data, editor, best editor state) of a trained run."""
+    run_dir = Path(run_dir)
+    cfg_file = run_dir / "config.yaml"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{run_dir}: no config.yaml (is this a train.py output folder?)")
+    cfg = yaml.safe_load(cfg_file.read_text())
+    cfg["out_dir"] = str(run_dir)
+    for k, v in (overrides or {}).items():
+        cfg[k] = v
+    prep = prepare(cfg, progress=False)
+    mend = build_mend(cfg, prep.model)
+    state, _ = load_best_editor(run_dir, mend.init(jax.random.key(0)))
+    return cfg, prep, mend, state
+
+
+def print_table(results: dict) -> str:
+    table = format_table({k: v for k, v in results.items() if not k.startswith("_")})
+    print(table)
+    return table

@@ -1,0 +1,139 @@
+"""Held-out evaluation: identity edits change nothing, FT memorises, groups, keys, table, plot."""
+
+import jax
+import pytest
+import transformers
+
+from mend_jax.data import EditRequest, build_word_tokenizer
+from mend_jax.editors import MEND, FineTune, FTConfig, MENDConfig
+from mend_jax.evaluation import (
+    METRIC_KEYS,
+    evaluate_editor,
+    evaluate_methods,
+    format_table,
+    plot_vs_n_edits,
+)
+from mend_jax.models import from_config
+
+MAX_LENGTH = 12
+FACTS = [  # (subject, true capital, new capital)
+    ("France", "Paris", "Rome"),
+    ("Italy", "Rome", "Madrid"),
+    ("Spain", "Madrid", "Berlin"),
+    ("Germany", "Berlin", "Vienna"),
+    ("Austria", "Vienna", "Lisbon"),
+    ("Portugal", "Lisbon", "Paris"),
+    ("Peru", "Lima", "Quito"),
+]
+
+
+def make_requests(probes: bool = True) -> list[EditRequest]:
+    out = []
+    for i, (s, true, new) in enumerate(FACTS):
+        ls, lo, _ = FACTS[(i + 1) % len(FACTS)]
+        out.append(EditRequest(
+            prompt=f"The capital of {s} is", target_new=new, target_true=true,
+            rephrases=(f"{s} has its capital in", f"The seat of government of {s} is")[: 1 + i % 2],
+            loc_prompt=f"The capital of {ls} is", loc_target=lo,
+            neighborhood=((f"The capital city of {s} is", true),) if probes and i % 2 else (),
+            portability=((f"The country whose capital is {new} is", s),) if probes and i < 3
+            else (),
+        ))
+    return out
+
+
+REQUESTS = make_requests()
+
+
+@pytest.fixture(scope="module")
+def setup():
+    texts = [t for r in REQUESTS for t in (r.prompt, r.target_new, r.loc_prompt, r.loc_target,
+                                           *r.rephrases, *sum(r.neighborhood + r.portability, ()))]
+    tokenizer = build_word_tokenizer(texts)
+    cfg = transformers.GPT2Config(vocab_size=len(tokenizer), n_positions=MAX_LENGTH,
+                                  n_embd=32, n_layer=1, n_head=2, bos_token_id=3, eos_token_id=1)
+    return from_config(cfg, seed=0), tokenizer
+
+
+@pytest.fixture(scope="module")
+def identity_results(setup):
+    model, tokenizer = setup
+    ft = FineTune(model, config=FTConfig(steps=0))
+    return evaluate_methods(model, {"ft_steps0": (ft, ft.init())}, model.params, REQUESTS,
+                            tokenizer, max_length=MAX_LENGTH, perplexity=True, timed_edits=1)
+
+
+def assert_identity(m):
+    assert m["drawdown"] == 0.0
+    assert m["loc_acc_pre"] == m["loc_acc_post"]
+    assert abs(m["locality_kl"]) < 1e-6
+    assert m["locality"] == 1.0
+    assert m["edit_success"] == m["pre_edit_success"] == m["reliability"]
+
+
+def test_identity_edit_changes_nothing(identity_results):
+    m = identity_results["ft_steps0"]
+    assert_identity(m)
+    assert abs(m["ppl_drawdown"]) < 1e-6
+    assert m["n_examples"] == len(REQUESTS) and m["n_edits"] == 1
+    assert set(m) == set(METRIC_KEYS) | {"ppl_drawdown"}
+    assert m["neighborhood_acc"] is not None and m["portability"] is not None
+    assert m["generality"] == m["generalization"] is not None
+    assert m["edit_time_s"] > 0
+
+
+def test_fine_tuning_reaches_full_edit_success(setup):
+    model, tokenizer = setup
+    ft = FineTune(model, config=FTConfig(steps=40, lr=3e-2))
+    plain = make_requests(probes=False)[:4]
+    m = evaluate_editor(model, ft, ft.init(), model.params, plain, tokenizer,
+                        max_length=MAX_LENGTH, timed_edits=0)
+    assert m["edit_success"] == 1.0
+    assert m["pre_edit_success"] < 1.0
+    assert 0.0 <= m["generality"] <= 1.0 and 0.0 <= m["locality"] <= 1.0
+    assert set(m) == set(METRIC_KEYS)  # exactly: no ppl_drawdown without perplexity=True
+    assert m["neighborhood_acc"] is None and m["portability"] is None
+    assert m["edit_time_s"] is None
+
+
+class RecordingEditor:
+    """The identity MEND editor, recording the edit batch shapes it is traced with."""
+
+    def __init__(self, model):
+        self.inner = MEND(model, config=MENDConfig(rank=8, edit_lr=0.0))
+        self.model = model
+        self.shapes = []
+
+    def edit(self, state, params, batch):
+        self.shapes.append(batch["input_ids"].shape)
+        return self.inner.edit(state, params, batch)
+
+
+def test_batched_edits_use_whole_groups(setup, identity_results, tmp_path):
+    model, tokenizer = setup
+    editor = RecordingEditor(model)
+    state = editor.inner.init(jax.random.key(0))
+    m = evaluate_editor(model, editor, state, model.params, REQUESTS, tokenizer, n_edits=3,
+                        max_length=MAX_LENGTH, batch_size=4, timed_edits=0)
+    assert m["n_edits"] == 3 and m["n_examples"] == 6  # floor(7 / 3) groups of 3
+    assert editor.shapes == [(3, MAX_LENGTH)]  # traced once: one edit call per group of 3
+    assert_identity(m)
+
+    results = {**identity_results, "mend_lr0": m}
+    table = format_table(results)
+    lines = table.splitlines()
+    assert len(lines) == 2 + len(results)
+    assert "ES" in lines[0] and "drawdown" in lines[0] and "mend_lr0" in table
+    results_by_n = {1: identity_results, 3: results}
+    assert len({len(line) for line in lines}) == 1  # fixed width
+    path = plot_vs_n_edits(results_by_n, tmp_path / "plots" / "vs_n.png")
+    assert path.is_file() and path.stat().st_size > 0
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_too_few_requests_is_an_error(setup):
+    model, tokenizer = setup
+    ft = FineTune(model, config=FTConfig(steps=0))
+    with pytest.raises(ValueError, match="n_edits=8"):
+        evaluate_editor(model, ft, ft.init(), model.params, REQUESTS, tokenizer, n_edits=8,
+                        max_length=MAX_LENGTH)

@@ -1,0 +1,155 @@
+"""The default pipeline, reduced to tiny sizes, through the real CLIs (train.py, eval.py, edit.py),
+and crash safety: training killed with SIGKILL at random points resumes to the same result."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_overrides(run_dir: Path, cache_dir: Path, max_steps: int = 30) -> list[str]:
+    return [
+        "model.build.n_embd=32", "model.build.n_layer=2", "model.build.n_head=2",
+        "model.pretrain.steps=60",
+        "model.inner_params=[transformer.h.1.mlp.c_fc.weight,transformer.h.1.mlp.c_proj.weight]",
+        "data.n_val=10", "data.n_test=12", "data.n_train=60",
+        f"alg.loop.max_steps={max_steps}", "alg.loop.val_every=10", "alg.loop.val_batches=2",
+        "alg.loop.save_every=5", "alg.loop.log_every=5", "alg.editor.rank=16",
+        "eval.max_examples=6", "eval.methods=[mend,untrained,ft,ft_l]",
+        f"out_dir={run_dir}", f"cache_dir={cache_dir}", "progress=false",
+    ]
+
+
+EXPECTED_KEYS = {"edit_success", "generality", "drawdown", "locality_kl", "n_edits", "n_examples"}
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    import train
+
+    root = tmp_path_factory.mktemp("pipeline")
+    run_dir = root / "run"
+    assert train.main(tiny_overrides(run_dir, root / "cache")) == 0
+    return run_dir, root
+
+
+def test_train_writes_results_for_every_method(trained_run):
+    run_dir, _ = trained_run
+    results = json.loads((run_dir / "results.json").read_text())
+    for method in ("mend", "untrained", "ft", "ft_l"):
+        assert EXPECTED_KEYS <= set(results[method]), method
+        assert results[method]["n_examples"] == 6
+    assert (run_dir / "checkpoints" / "best").is_dir()
+    assert any((run_dir / "tb").iterdir())
+    assert results["_run"]["steps"] == 30
+
+
+def test_base_model_is_cached(trained_run, capsys):
+    _, root = trained_run
+    cached = list((root / "cache").glob("base-*/model.safetensors"))
+    assert len(cached) == 1
+
+
+def test_eval_cli_batched_edits_and_plot(trained_run):
+    import eval as eval_cli
+
+    run_dir, _ = trained_run
+    out = run_dir / "eval_k.json"
+    assert eval_cli.main([str(run_dir), "--n-edits", "1", "3", "--methods", "mend", "ft",
+                          "--plot", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert set(results) == {"1", "3"}
+    assert results["3"]["mend"]["n_edits"] == 3 and results["3"]["mend"]["n_examples"] == 6
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_eval_cli_on_a_data_file(trained_run):
+    import eval as eval_cli
+
+    run_dir, _ = trained_run
+    data_file = run_dir / "data" / "test.counterfact.json"
+    out = run_dir / "eval_cf.json"
+    assert eval_cli.main([str(run_dir), "--data", str(data_file), "--format", "counterfact",
+                          "--methods", "mend", "--max-examples", "4", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["mend"]["n_examples"] == 4
+
+
+def test_edit_cli_reports_and_exports(trained_run, capsys):
+    import edit as edit_cli
+    import transformers
+
+    run_dir, _ = trained_run
+    save = run_dir / "edited"
+    assert edit_cli.main([str(run_dir), "--prompt", "The capital of France is", "--target",
+                          "Berlin", "--rephrase", "France's capital city is",
+                          "--neighbor", "The capital of Spain is", "--save", str(save)]) == 0
+    out = capsys.readouterr().out
+    assert "[edit]" in out and "[rephrase]" in out and "[neighbor]" in out
+    assert "p(target)" in out
+    transformers.AutoModelForCausalLM.from_pretrained(str(save))
+
+
+def test_config_errors_name_the_key(tmp_path):
+    from mend_jax.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="closest"):
+        load_config(["alg.train.lrr=1"])
+    with pytest.raises(ConfigError, match="choices"):
+        load_config(["model=nonexistent"])
+    cfg = load_config(["model=gpt2", "data=zsre", "alg=mend", "alg.train.lr=3e-5"])
+    assert cfg["model"]["name"] == "gpt2" and cfg["alg"]["train"]["lr"] == 3e-5
+
+
+def _train_cmd(run_dir, cache_dir, resume):
+    cmd = [sys.executable, str(ROOT / "train.py"), *tiny_overrides(run_dir, cache_dir, 40),
+           "eval.methods=[mend]"]
+    return cmd + (["--resume"] if resume else [])
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_points_then_resume_matches_uninterrupted(trained_run, tmp_path):
+    _, root = trained_run  # reuses the cached base model
+    cache = root / "cache"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    ref_dir = tmp_path / "ref"
+    subprocess.run(_train_cmd(ref_dir, cache, False), check=True, env=env, capture_output=True)
+    ref = json.loads((ref_dir / "results.json").read_text())
+
+    run_dir = tmp_path / "killed"
+    rng = np.random.default_rng(0)
+    kills, resume = 0, False
+    for _ in range(8):
+        proc = subprocess.Popen(_train_cmd(run_dir, cache, resume), env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        resume = True
+        if kills < 3:
+            # wait until training is under way (a checkpoint exists), then kill at a random time
+            deadline = time.time() + 120
+            latest = run_dir / "checkpoints" / "latest"
+            before = sorted(p.name for p in latest.glob("*")) if latest.exists() else []
+            while time.time() < deadline and proc.poll() is None:
+                now = sorted(p.name for p in latest.glob("*")) if latest.exists() else []
+                if now != before and now:
+                    break
+                time.sleep(0.2)
+            time.sleep(float(rng.uniform(0.0, 1.5)))
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                kills += 1
+                continue
+        assert proc.wait(timeout=300) == 0
+        break
+    assert kills >= 1
+    got = json.loads((run_dir / "results.json").read_text())
+    for key in ("edit_success", "generality", "drawdown", "locality_kl"):
+        assert got["mend"][key] == pytest.approx(ref["mend"][key], abs=1e-6), key
+    assert got["_run"]["steps"] == ref["_run"]["steps"] == 40
