@@ -131,6 +131,13 @@ def time_calls(fn: Callable[[], object], steps: int, warmup: int,
     return times, first
 
 
+def aot_compile(jitted, *args):
+    """(compiled executable, seconds to lower and compile): compile without running once."""
+    t = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    return compiled, time.perf_counter() - t
+
+
 def median(xs: Sequence[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 

@@ -80,12 +80,22 @@ def load_config(overrides: Sequence[str] = (), config_dir: str | Path | None = N
         cfg[group]["_name"] = name
     for key, raw in key_overrides:
         allow_new = key.startswith("+")
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
+        value = _parse_value(raw)
         _set(cfg, key.lstrip("+"), value, allow_new)
     return cfg
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads "3e-5" (no dot) as a string; a user means the number
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def dump_config(cfg: dict) -> str:

@@ -51,6 +51,8 @@ num_processes=2, process_id=i)``. On Slurm or Open MPI a bare ``jax.distributed.
 reads everything from the launcher and gives each process the one GPU of its local rank, so
 launch one task per GPU: ``srun --nodes=2 --ntasks-per-node=8 python my_train.py`` (or one task
 per node with ``jax.distributed.initialize(local_device_ids=range(8))``).
+A CPU-only cluster also needs ``jax.config.update("jax_cpu_collectives_implementation",
+"gloo")`` before `initialize` (tests/test_sharding.py runs this recipe as 2 local processes).
 Model parameters may be loaded in full on every host (`device_put` keeps each host's
 shards); batches must go through `shard_batch`, which assembles the global array from the
 per-host slices with `jax.make_array_from_process_local_data`.
@@ -59,8 +61,9 @@ per-host slices with `jax.make_array_from_process_local_data`.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -130,8 +133,8 @@ def _check_rules(mesh: Mesh, rules: Rules) -> list[tuple[re.Pattern, Spec]]:
             raise ValueError(f"partition rule {i} {rule!r}: expected (regex, PartitionSpec "
                              f"or Largest) ({e})") from None
         if not isinstance(spec, (PartitionSpec, Largest)):
-            raise ValueError(f"partition rule {i} {rule!r}: spec must be a PartitionSpec or "
-                             f"Largest, got {type(spec).__name__}")
+            raise TypeError(f"partition rule {i} {rule!r}: spec must be a PartitionSpec or "
+                            f"Largest, got {type(spec).__name__}")
         entries = [spec.axis] if isinstance(spec, Largest) else list(spec)
         for entry in entries:
             for axis in entry if isinstance(entry, tuple) else (entry,):
@@ -216,6 +219,12 @@ def shard_batch(mesh: Mesh, batch):
         lambda x: jax.ShapeDtypeStruct((x.shape[0] * n, *x.shape[1:]) if x.ndim else (),
                                        x.dtype), batch)
     shardings = batch_sharding(mesh, global_shapes)
+    for (path, g), sh in zip(jax.tree_util.tree_flatten_with_path(global_shapes)[0],
+                             jax.tree.leaves(shardings), strict=True):
+        if g.shape and sh.spec == P():
+            raise ValueError(f"batch leaf {path_str(path)}: global batch {g.shape[0]} "
+                             f"({n} hosts x {g.shape[0] // n}) is not divisible by the "
+                             f"{mesh.shape[DATA]}-way data axis; each host must feed a slice")
     return jax.tree.map(
         lambda s, x, g: jax.make_array_from_process_local_data(s, np.asarray(x), g.shape),
         shardings, batch, global_shapes)
@@ -230,7 +239,8 @@ def make_sharded_step(trainer, mesh: Mesh, state: dict, model_params: dict, batc
     `batch` is an example: later batches must have the same structure and leading sizes (other
     sizes may change, e.g. sequence length). Host batches are placed by jit itself on one
     host; place them with `shard_batch` on several. Metrics come back replicated.
-    The state is donated unless `donate=False`.
+    The placed state is donated to each call unless `donate=False` (it may share buffers with
+    `state` when that already has the right layout).
     """
     state_sh = tree_shardings(mesh, state, state_rules)
     params_sh = param_shardings(mesh, model_params, rules)

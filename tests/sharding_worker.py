@@ -1,9 +1,12 @@
 """Sharded meta-training against one device, run in a subprocess with 8 fake CPU devices.
 
-Usage: python tests/sharding_worker.py OUT_DIR (tests/test_sharding.py sets the environment).
-Runs STEPS meta-training steps and one edit without a mesh, then the same under each mesh of
+Usage (tests/test_sharding.py sets the environment):
+    python tests/sharding_worker.py OUT_DIR
+runs STEPS meta-training steps and one edit without a mesh, then the same under each mesh of
 MESHES, and writes OUT_DIR/results.json (metrics, parameter layouts) and one .npz per run
 (final editor state and edited weights, keyed by "/"-joined pytree path) for the test to compare.
+    python tests/sharding_worker.py --multihost OUT_DIR
+is one process of a multi-process run on one machine (see `multihost`).
 """
 
 import os
@@ -11,18 +14,18 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import json  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import json
+import sys
+import time
+from pathlib import Path
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import transformers  # noqa: E402
+import jax
+import numpy as np
+import transformers
 
-from mend_jax.editors import MEND, MENDConfig  # noqa: E402
-from mend_jax.models import from_config, get_path  # noqa: E402
-from mend_jax.sharding import (  # noqa: E402
+from mend_jax.editors import MEND, MENDConfig
+from mend_jax.models import from_config, get_path
+from mend_jax.sharding import (
     EDITOR_FSDP_RULES,
     REPLICATED,
     make_mesh,
@@ -31,7 +34,7 @@ from mend_jax.sharding import (  # noqa: E402
     path_str,
     shard_batch,
 )
-from mend_jax.training import MetaTrainer, TrainConfig  # noqa: E402
+from mend_jax.training import MetaTrainer, TrainConfig
 
 V, T, B, STEPS = 64, 6, 8, 3
 METRICS = ("loss", "edit_loss", "locality_kl")
@@ -70,8 +73,8 @@ def run_steps(step, state, params, batch):
     return state, metrics
 
 
-def main(out: Path):
-    assert jax.device_count() == 8, jax.devices()
+def setup():
+    """(editor, trainer, batch, initial trainer state, model params), all on the host."""
     cfg = transformers.GPT2Config(vocab_size=V, n_positions=8, n_embd=32, n_layer=1, n_head=2,
                                   initializer_range=0.2, bos_token_id=0, eos_token_id=0)
     model = from_config(cfg, seed=0)
@@ -87,7 +90,12 @@ def main(out: Path):
     batch = {"edit_inner": lm_batch(rng), "edit_outer": lm_batch(rng), "loc": lm_batch(rng)}
     # Host copies: every run starts from fresh buffers (the sharded step donates its state).
     init_state = jax.device_get(trainer.init(jax.random.key(0)))
-    params = jax.device_get(model.params)
+    return editor, trainer, batch, init_state, jax.device_get(model.params)
+
+
+def main(out: Path):
+    assert jax.device_count() == 8, jax.devices()
+    editor, trainer, batch, init_state, params = setup()
 
     t = time.time()
     state, metrics = run_steps(jax.jit(trainer.step), init_state, params, batch)
@@ -123,5 +131,26 @@ def main(out: Path):
     (out / "results.json").write_text(json.dumps(results, indent=1))
 
 
+def multihost(out: Path):
+    """One of several processes (env PROCESS_ID, NUM_PROCESSES, JAX_COORDINATOR_ADDRESS): the
+    module docstring's recipe, each process feeding only its slice of the batch."""
+    pid, n = int(os.environ["PROCESS_ID"]), int(os.environ["NUM_PROCESSES"])
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU cross-process
+    jax.distributed.initialize(num_processes=n, process_id=pid)
+    _, trainer, batch, init_state, params = setup()
+    mesh = make_mesh(data=-1, model=jax.local_device_count())
+    step, state, placed = make_sharded_step(trainer, mesh, init_state, params, batch)
+    local = jax.tree.map(lambda x: np.split(x, n)[pid], batch)
+    state, metrics = run_steps(step, state, placed, shard_batch(mesh, local))
+    (out / f"host{pid}.json").write_text(json.dumps({
+        "metrics": metrics, "mesh": dict(mesh.shape), "n_processes": jax.process_count(),
+        "kernel": {"shape": list(get_path(placed, KERNEL).shape),
+                   "shard_shape": list(get_path(placed, KERNEL).addressable_shards[0].data.shape)},
+        "global_batch_shape": list(shard_batch(mesh, local)["loc"]["input_ids"].shape)}))
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    if sys.argv[1] == "--multihost":
+        multihost(Path(sys.argv[2]))
+    else:
+        main(Path(sys.argv[1]))

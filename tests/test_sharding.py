@@ -7,6 +7,7 @@ The partition-rule tests need no devices: rules only read the mesh's axis sizes.
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -32,17 +33,23 @@ METRICS = ("loss", "edit_loss", "locality_kl")
 RTOL, ATOL = 1e-4, 1e-5
 
 
+WORKER = str(ROOT / "tests" / "sharding_worker.py")
+
+
+def worker_env(n_devices: int, **extra) -> dict:
+    # Compile time dominates (one meta-training step per mesh); LLVM's optimisation level
+    # changes nothing the tests compare, since every run is compiled alike.
+    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
+                XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices} "
+                          "--xla_backend_optimization_level=0 "
+                          "--xla_llvm_disable_expensive_passes=true", **extra)
+
+
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharding")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
-               # Compile time dominates (one meta-training step per mesh); LLVM's optimisation
-               # level changes nothing the test compares, since every run is compiled alike.
-               XLA_FLAGS="--xla_force_host_platform_device_count=8 "
-                         "--xla_backend_optimization_level=0 "
-                         "--xla_llvm_disable_expensive_passes=true")
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "sharding_worker.py"), str(out)],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, WORKER, str(out)], env=worker_env(8), cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
     arrays = {name: dict(np.load(out / f"{name}.npz")) for name in ("single", *MESHES)}
@@ -106,6 +113,32 @@ def test_editor_state_replicated_or_sharded_by_its_rules(sharded):
     assert fsdp["shard_shape"] != fsdp["shape"]
 
 
+@pytest.mark.slow
+def test_multi_process_run_matches_single_device(sharded, tmp_path):
+    """The module docstring's multi-host recipe, as 2 processes x 2 CPU devices on localhost."""
+    results, _ = sharded
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, WORKER, "--multihost", str(tmp_path)],
+                              env=worker_env(2, PROCESS_ID=str(i), NUM_PROCESSES="2",
+                                             JAX_COORDINATOR_ADDRESS=f"localhost:{port}"),
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+             for i in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-4000:]
+    for i in range(2):
+        host = json.loads((tmp_path / f"host{i}.json").read_text())
+        assert host["n_processes"] == 2 and host["mesh"] == {"data": 2, "model": 2}
+        assert host["global_batch_shape"] == [8, 6]      # each host fed 4 rows
+        assert host["kernel"]["shard_shape"] == [32, 64]
+        for got, want in zip(host["metrics"], results["single"]["metrics"], strict=True):
+            for k in METRICS:
+                np.testing.assert_allclose(got[k], want[k], rtol=RTOL, err_msg=f"host{i} {k}")
+
+
 # ----------------------------------------------------------------------------- rules, no devices
 MESH_2x4 = AbstractMesh((2, 4), ("data", "model"))
 
@@ -135,9 +168,8 @@ def test_explicit_spec_degrades_per_dimension():
 
 
 def test_editor_rules_cover_adam_moments():
-    for path in ("editor/params/nets/32x128/uv/layers/0/U",
-                 "opt_state/inner_opt_state/1/inner_states/nets/inner_state/0/mu/nets/32x128/uv/"
-                 "layers/0/V"):
+    adam_mu = "opt_state/inner_opt_state/1/inner_states/nets/inner_state/0/mu"
+    for path in ("editor/params/nets/32x128/uv/layers/0/U", f"{adam_mu}/nets/32x128/uv/layers/0/V"):
         assert partition_spec(path, (160, 16), MESH_2x4, EDITOR_FSDP_RULES) == P("model", None)
     assert partition_spec("editor/stats/32x128/u_mean", (32,), MESH_2x4, EDITOR_FSDP_RULES) == P()
 
@@ -149,6 +181,8 @@ def test_bad_rules_fail_with_the_rule():
         partition_spec("a/kernel", (8, 8), MESH_2x4, [(r"kernel", Largest("tensor"))])
     with pytest.raises(ValueError, match="rule 0"):
         partition_spec("a/kernel", (8, 8), MESH_2x4, [(r"kernel(", P())])
+    with pytest.raises(TypeError, match="spec must be a PartitionSpec or Largest"):
+        partition_spec("a/kernel", (8, 8), MESH_2x4, [(r"kernel", ("model", None))])
 
 
 def test_make_mesh_sizes():

@@ -1,0 +1,108 @@
+"""The benchmark scripts in bench/ run end to end on tiny configs, and the PyTorch baseline they
+time computes the same meta-loss and gradients as mend-jax. No assertion on wall-clock time."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def _load(name: str):
+    """A bench/ module under a private name (bench/ is not a package and not on sys.path)."""
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_bench(script: str, *flags: str) -> str:
+    results = BENCH / "RESULTS.md"
+    before = results.read_text() if results.exists() else None
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TRANSFORMERS_VERBOSITY="error")
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--small", "--steps", "2",
+                           "--warmup", "1", "--no-record", *flags],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    lines = proc.stdout.splitlines()
+    assert any(ln.startswith("|---") for ln in lines), proc.stdout  # a markdown table
+    assert sum(ln.startswith("| ") for ln in lines) >= 2, proc.stdout
+    after = results.read_text() if results.exists() else None
+    assert before == after, "--no-record must leave bench/RESULTS.md alone"
+    return proc.stdout
+
+
+def test_bench_meta_step_runs():
+    out = run_bench("bench_meta_step.py", "--model", "gpt2", "--workers",
+                    "jax-mend,torch-mend,jax-ft-inner")
+    assert "mend-jax" in out and "pytorch" in out and "fine-tune inner weights" in out
+
+
+def test_bench_edit_latency_runs():
+    out = run_bench("bench_edit_latency.py", "--edits", "1,3")
+    assert "edit/fwd_bwd_inner" in out
+
+
+@pytest.mark.slow
+def test_bench_scaling_runs():
+    out = run_bench("bench_scaling.py", "--devices", "1,2")
+    assert "SIMULATED" in out
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "t5"])
+def test_torch_baseline_matches_mend_jax(kind):
+    """Same weights, editor state and batch: the PyTorch step's meta-loss and its gradients
+    w.r.t. the editor equal mend-jax's (so the benchmark compares the same computation)."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("torch")
+    common, torch_mend = _load("common"), _load("torch_mend")
+    from mend_jax.editors import MEND, MENDConfig
+    from mend_jax.models import from_config, save_pretrained
+    from mend_jax.training import MetaTrainer, TrainConfig
+
+    cfg = common.hf_config(kind, small=True)
+    model = from_config(cfg, seed=0)
+    mend_cfg, train_cfg = MENDConfig(rank=16), TrainConfig(accumulate=1)
+    editor = MEND(model, config=mend_cfg)
+    trainer = MetaTrainer(editor, train_cfg)
+    state = trainer.init(jax.random.key(1))["editor"]
+    # a non-identity editor (U != 0) so every editor parameter gets a gradient
+    keys = iter(jax.random.split(jax.random.key(2), 64))
+    state["params"] = jax.tree.map(
+        lambda x: x + 0.01 * jax.random.normal(next(keys), x.shape) if x.ndim == 2 else x,
+        state["params"])
+    batch = common.meta_batch(kind, cfg.vocab_size, 2, 2, small=True)
+    (loss, (metrics, _)), grads = jax.jit(jax.value_and_grad(trainer.loss, has_aux=True))(
+        state["params"], state["stats"], model.params, jax.tree.map(jnp.asarray, batch))
+
+    with tempfile.TemporaryDirectory() as d:
+        save_pretrained(model, None, d)
+        cls = (transformers.T5ForConditionalGeneration if kind == "t5"
+               else transformers.GPT2LMHeadModel)
+        hf = cls.from_pretrained(d)
+    tm = torch_mend.TorchMEND(hf, editor.layout.inner_params, mend_cfg, train_cfg)
+    torch_mend.load_jax_editor(tm, state)
+    t_loss, t_metrics = tm.loss(torch_mend.to_torch(batch), train=True)
+    t_loss.backward()
+
+    np.testing.assert_allclose(t_loss.item(), float(loss), rtol=1e-4)
+    for k in ("edit_loss", "pre_edit_loss"):
+        np.testing.assert_allclose(float(t_metrics[k]), float(metrics[k]), rtol=1e-4)
+    for g, net in tm.editor.nets.items():
+        for layer, want in zip(net.layers, grads["nets"][g]["uv"]["layers"]):
+            for name in ("U", "V", "b", "mode_scale", "mode_shift"):
+                got, ref = getattr(layer, name).grad.numpy(), np.asarray(want[name])
+                np.testing.assert_allclose(got, ref, rtol=1e-3,
+                                           atol=1e-4 * np.abs(ref).max() + 1e-12,
+                                           err_msg=f"{g} {name}")
+    for n in editor.layout.inner_params:
+        np.testing.assert_allclose(float(tm.editor.edit_lrs[torch_mend._key(n)].grad),
+                                   float(grads["edit_lrs"][n]), rtol=1e-3)
