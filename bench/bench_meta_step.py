@@ -95,9 +95,9 @@ def _jax_step(worker: str, model_kind: str, small: bool):
 
 def _torch_step(worker: str, model_kind: str, small: bool):
     import torch
+    import torch_mend
     import transformers
 
-    import torch_mend
     from mend_jax.editors import MENDConfig
     from mend_jax.models import get_architecture
     from mend_jax.training import TrainConfig
@@ -143,9 +143,8 @@ def run_worker_here(worker: str, model_kind: str, small: bool, steps: int, warmu
         build = _jax_step
     else:
         import torch  # noqa: F401
-        import transformers  # noqa: F401
-
         import torch_mend  # noqa: F401
+        import transformers  # noqa: F401
 
         build = _torch_step
     common.reset_peak()  # trim import garbage so the baseline is what stays resident

@@ -53,7 +53,7 @@ def hf_config(model: str, small: bool):
 
     if model == "gpt2":
         if small:
-            return transformers.GPT2Config(vocab_size=256, n_positions=64, n_embd=64, n_layer=4,
+            return transformers.GPT2Config(vocab_size=256, n_positions=64, n_embd=64, n_layer=3,
                                            n_head=4, resid_pdrop=0.0, embd_pdrop=0.0,
                                            attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
         # GPT-2 small: 12 layers, d 768, 12 heads, vocab 50257 (the transformers defaults)
@@ -61,7 +61,7 @@ def hf_config(model: str, small: bool):
     if model == "t5":
         if small:
             return transformers.T5Config(vocab_size=256, d_model=64, d_kv=16, d_ff=128,
-                                         num_layers=3, num_decoder_layers=3, num_heads=4,
+                                         num_layers=2, num_decoder_layers=2, num_heads=4,
                                          feed_forward_proj="relu", dropout_rate=0.0)
         # T5-small: 6+6 layers, d_model 512, d_ff 2048, 8 heads, vocab 32128
         return transformers.T5Config(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048,

@@ -281,6 +281,5 @@ def load_jax_editor(trainer: TorchMEND, editor_state: dict) -> None:
                 torch.tensor(float(editor_state["params"]["edit_lrs"][name])))
         for g, s in editor_state["stats"].items():
             getattr(ed, f"{g}_count").copy_(torch.tensor(float(s["count"])))
-            for side in ("u", "d"):
-                getattr(ed, f"{g}_{side}_mean").copy_(torch.from_numpy(np.asarray(s[f"{side}_mean"])))
-                getattr(ed, f"{g}_{side}_m2").copy_(torch.from_numpy(np.asarray(s[f"{side}_m2"])))
+            for key in ("u_mean", "u_m2", "d_mean", "d_m2"):
+                getattr(ed, f"{g}_{key}").copy_(torch.from_numpy(np.asarray(s[key])))

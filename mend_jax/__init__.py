@@ -1,19 +1,46 @@
-"""mend-jax: MEND model editing in JAX/Flax."""
+"""mend-jax: MEND model editing in JAX/Flax.
 
+Everything a user is meant to call:
+- models: `load_pretrained`, `save_pretrained`, `from_config`, `generate`, `Model`
+- capture: `capture` (per-token layer inputs and output gradients of named weights)
+- editors: `MEND`, `MENDConfig`, `FineTune`, `FTConfig`, `make_editor`
+- training: `MetaTrainer`, `TrainConfig` (the pure, jit-able meta-training step)
+- evaluation: `evaluate_editor`, `format_table`
+- data: `mend_jax.data` (loaders, the geonames benchmark, batching)
+- scale: `mend_jax.sharding` (mesh and partition rules), `mend_jax.checkpoint`
+"""
+
+from mend_jax.capture import Captured, capture
+from mend_jax.editors import MEND, FineTune, FTConfig, MENDConfig, make_editor
+from mend_jax.evaluation import evaluate_editor, format_table
 from mend_jax.models import (
     CheckpointError,
     Model,
     from_config,
+    generate,
     load_pretrained,
     save_pretrained,
     supported_model_types,
 )
+from mend_jax.training import MetaTrainer, TrainConfig
 
 __all__ = [
+    "MEND",
+    "Captured",
     "CheckpointError",
+    "FTConfig",
+    "FineTune",
+    "MENDConfig",
+    "MetaTrainer",
     "Model",
+    "TrainConfig",
+    "capture",
+    "evaluate_editor",
+    "format_table",
     "from_config",
+    "generate",
     "load_pretrained",
+    "make_editor",
     "save_pretrained",
     "supported_model_types",
 ]

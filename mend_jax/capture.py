@@ -8,8 +8,8 @@ inputs and `perturb` their outputs with a zero variable; the gradient w.r.t. tha
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -29,7 +29,7 @@ class Captured:
 
     layer_inputs: Float[Array, "tokens d_in"]
     output_grads: Float[Array, "tokens d_out"]
-    token_mask: Float[Array, "tokens"]
+    token_mask: Float[Array, tokens]
 
 
 jax.tree_util.register_dataclass(

@@ -6,8 +6,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from mend_jax.models import load_pretrained, save_pretrained  # noqa: E402
-from tests.parity_utils import masked_max_diff, right_padded_batch, torch_logits  # noqa: E402
+from mend_jax.models import load_pretrained, save_pretrained
+from tests.parity_utils import masked_max_diff, right_padded_batch, torch_logits
 
 
 @pytest.fixture(scope="module")

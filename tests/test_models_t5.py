@@ -158,3 +158,19 @@ def test_t5_default_inner_params(t5_dir):
     for name in inner:  # every default is an editable Linear kernel of the model
         assert model.names.path(name)[-1] == "kernel"
         get_path(model.params, model.names.path(name))
+
+
+def test_t5_v1_1_saved_with_tied_head_loads(tmp_path):
+    """transformers 5 saves a fresh gated-GELU T5 without lm_head.weight (head kept tied to
+    `shared`); it must load, reading the head from `shared.weight`."""
+    torch.manual_seed(1)
+    cfg = transformers.T5Config(vocab_size=V, d_model=24, d_kv=8, d_ff=40, num_layers=2,
+                                num_heads=3, feed_forward_proj="gated-gelu",
+                                tie_word_embeddings=False, decoder_start_token_id=0)
+    tm = transformers.T5ForConditionalGeneration(cfg).eval()
+    tm.save_pretrained(str(tmp_path))
+    model = load_pretrained(tmp_path)
+    batch = _batch(seed=3)
+    ours = _logits(model, model.params, *map(jnp.asarray, batch))
+    ref = torch_logits(tm, *batch)
+    assert masked_max_diff(ours, ref, batch[3]) <= 1e-4

@@ -83,8 +83,9 @@ def test_eval_cli_on_a_data_file(trained_run):
 
 
 def test_edit_cli_reports_and_exports(trained_run, capsys):
-    import edit as edit_cli
     import transformers
+
+    import edit as edit_cli
 
     run_dir, _ = trained_run
     save = run_dir / "edited"

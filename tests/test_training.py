@@ -3,7 +3,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 import transformers
 
 from mend_jax.editors import MEND, MENDConfig
@@ -78,3 +77,27 @@ def test_non_finite_step_is_skipped_and_counted():
     assert int(new["n_skipped"]) == 1 and float(metrics["skipped"]) == 1.0
     for a, b in zip(jax.tree.leaves(new["editor"]), jax.tree.leaves(state["editor"])):
         np.testing.assert_array_equal(a, b)
+
+
+def test_bfloat16_base_model_and_remat_blocks():
+    """Memory levers: bf16 base weights with an f32 editor; rematerialised blocks give the same
+    step as plain ones."""
+    cfg = transformers.GPT2Config(vocab_size=V, n_positions=8, n_embd=16, n_layer=2, n_head=2)
+    model = from_config(cfg, seed=0)
+    logits = jax.jit(lambda p, ids: model.logits(p, ids))
+    batch = synthetic_batch(np.random.default_rng(0), logits, model.params, 2)
+    runs = {}
+    for name, m in (("plain", model), ("remat", model.with_remat(True))):
+        trainer = MetaTrainer(MEND(m, config=MENDConfig(rank=8)), TrainConfig(accumulate=1))
+        _, metrics = jax.jit(trainer.step)(trainer.init(jax.random.key(0)), m.params, batch)
+        runs[name] = metrics
+    for k in ("loss", "edit_loss", "locality_kl"):
+        np.testing.assert_allclose(runs["plain"][k], runs["remat"][k], rtol=1e-5)
+
+    bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), model.params)
+    trainer = MetaTrainer(MEND(model, config=MENDConfig(rank=8)), TrainConfig(accumulate=1))
+    state, metrics = jax.jit(trainer.step)(trainer.init(jax.random.key(0)), bf16, batch)
+    assert np.isfinite(float(metrics["loss"]))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["editor"]))
+    new = jax.jit(trainer.editor.edit)(state["editor"], bf16, batch["edit_inner"])
+    assert new["transformer"]["h_1"]["mlp"]["c_fc"]["kernel"].dtype == jnp.bfloat16

@@ -7,7 +7,7 @@ Every editor has `init(key) -> state` and a pure, jit-able
 from mend_jax.editors.ft import FineTune, FTConfig
 from mend_jax.editors.mend import MEND, MENDConfig
 
-__all__ = ["FTConfig", "FineTune", "MEND", "MENDConfig", "make_editor"]
+__all__ = ["MEND", "FTConfig", "FineTune", "MENDConfig", "make_editor"]
 
 
 def make_editor(name: str, model, inner_params=None, **options):

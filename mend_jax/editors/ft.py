@@ -7,8 +7,8 @@ FT+KL: the loss adds c_loc·KL(base ‖ edited) on the batch's locality examples
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp

@@ -7,8 +7,8 @@ are the running normalisation statistics (updated while training, frozen at eval
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -86,7 +86,7 @@ def apply_idmlp(net: dict, x: jax.Array, mode: int, cfg: MENDConfig) -> jax.Arra
 
 # ----------------------------------------------------------------------------- stats
 def init_stats(d_in: int, d_out: int) -> dict:
-    z = lambda d: jnp.zeros((d,), jnp.float32)  # noqa: E731
+    z = lambda d: jnp.zeros((d,), jnp.float32)
     return {"count": jnp.zeros((), jnp.float32), "u_mean": z(d_in), "u_m2": z(d_in),
             "d_mean": z(d_out), "d_m2": z(d_out)}
 

@@ -8,7 +8,7 @@ input and δ the gradient w.r.t. the output; `mend_jax.capture` intercepts `Line
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax

@@ -35,7 +35,7 @@ class GPT2Config:
     scale_attn_by_inverse_layer_idx: bool = False
 
     @classmethod
-    def from_hf(cls, c) -> "GPT2Config":
+    def from_hf(cls, c) -> GPT2Config:
         return cls(
             vocab_size=c.vocab_size,
             n_positions=c.n_positions,
@@ -89,7 +89,7 @@ class GPT2Block(nn.Module):
     @nn.compact
     def __call__(self, x, bias):
         c = self.config
-        ln = lambda name: LayerNorm(c.layer_norm_epsilon, dtype=self.dtype, name=name)  # noqa: E731
+        ln = lambda name: LayerNorm(c.layer_norm_epsilon, dtype=self.dtype, name=name)
         x = x + GPT2Attention(c, self.layer_idx, self.dtype, name="attn")(ln("ln_1")(x), bias)
         return x + GPT2MLP(c, self.dtype, name="mlp")(ln("ln_2")(x))
 
@@ -171,4 +171,4 @@ ARCH = register(
     )
 )
 
-__all__ = ["GPT2Config", "GPT2LM", "ARCH", "jax"]
+__all__ = ["ARCH", "GPT2LM", "GPT2Config", "jax"]

@@ -53,7 +53,7 @@ class Model:
     def default_inner_params(self) -> list[str]:
         return self.arch.default_inner_params(self.config)
 
-    def with_remat(self, remat: bool = True) -> "Model":
+    def with_remat(self, remat: bool = True) -> Model:
         """The same model with transformer blocks rematerialised in the backward pass."""
         module = self.arch.module(self.config, self.dtype, remat)
         return Model(self.arch, self.config, self.hf_config, module, self.params,
@@ -172,16 +172,17 @@ def _params_from_tensors(arch, config, tensors, dtype, source) -> dict:
     missing, unexpected, misshaped = [], [], []
     params: dict = {}
     for n in names.names:
-        if n.hf not in tensors:
+        source = n.hf if n.hf in tensors else n.fallback if n.fallback in tensors else None
+        if source is None:
             if not (n.optional or n.tied_to):
                 missing.append(n.hf)
             continue
         if n.tied_to is not None:
             continue
-        leaf = n.to_leaf(tensors[n.hf])
+        leaf = n.to_leaf(tensors[source])
         want = expected.get(n.path)
         if want is None or tuple(leaf.shape) != tuple(want.shape):
-            misshaped.append(f"{n.hf}: got {tuple(tensors[n.hf].shape)}, expected "
+            misshaped.append(f"{n.hf}: got {tuple(tensors[source].shape)}, expected "
                              f"{tuple(n.to_hf(np.zeros(want.shape)).shape) if want else '?'}")
             continue
         params = set_path(params, n.path, jnp.asarray(leaf, dtype=dtype))
@@ -218,13 +219,10 @@ def save_pretrained(model: Model, params: dict | None, out_dir: str | os.PathLik
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for n in model.names.names:
+        # Tied names (lm_head -> wte, T5's embed_tokens -> shared) are written as copies, as
+        # transformers' own checkpoints often hold them; transformers re-ties them on load.
         src = model.names.by_hf[n.tied_to] if n.tied_to else n
-        if n.tied_to and not _ties_exported(model.hf_config):
-            leaf = np.asarray(jax.device_get(get_path(params, src.path)))
-        elif n.tied_to:
-            continue
-        else:
-            leaf = np.asarray(jax.device_get(get_path(params, n.path)))
+        leaf = np.asarray(jax.device_get(get_path(params, src.path)))
         if dtype is not None:
             leaf = leaf.astype(dtype)
         tensors[n.hf] = np.ascontiguousarray(n.to_hf(leaf))
@@ -236,8 +234,3 @@ def save_pretrained(model: Model, params: dict | None, out_dir: str | os.PathLik
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(str(out))
     return out
-
-
-def _ties_exported(hf_config) -> bool:
-    # Tied weights are written once (transformers re-ties them); untied ones are written both.
-    return not getattr(hf_config, "tie_word_embeddings", True)

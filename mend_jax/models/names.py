@@ -7,8 +7,9 @@ choosing edited weights (`inner_params`) and sharding rules all ask this module.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -26,6 +27,7 @@ class ParamName:
     layout: str = "same"
     optional: bool = False       # may be absent from a checkpoint (tied lm_head)
     tied_to: str | None = None   # HF name whose value this one repeats when exported
+    fallback: str | None = None  # HF name read instead when this one is absent (tied on save)
 
     def to_leaf(self, array: np.ndarray) -> np.ndarray:
         return array.T if self.layout == "linear" else array

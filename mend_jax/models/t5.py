@@ -292,7 +292,9 @@ def param_names(c: T5Config) -> list[ParamName]:
         names.append(ParamName("lm_head.weight", ("shared", "embedding"), optional=True,
                                tied_to=shared))
     else:
-        names.append(ParamName("lm_head.weight", ("lm_head", "kernel"), "linear"))
+        # transformers 5 saves a v1.1 model whose head it kept tied without lm_head.weight
+        names.append(ParamName("lm_head.weight", ("lm_head", "kernel"), "linear",
+                               fallback="shared.weight"))
     ff_lins = ("wi_0", "wi_1", "wo") if c.is_gated_act else ("wi", "wo")
     for stack, n in (("encoder", c.num_layers), ("decoder", c.num_decoder_layers)):
         layers = [(0, "SelfAttention")] + ([(1, "EncDecAttention")] if stack == "decoder" else [])
