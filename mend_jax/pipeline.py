@@ -68,9 +68,11 @@ def prepare(cfg: dict, progress: bool | None = None) -> Prepared:
         info["data_files"] = {k: str(v) for k, v in paths.items()}
     else:
         bench = None
-        splits = {s: load_requests(dcfg[f"{s}_path"], dcfg.get("format"),
-                                   loc_path=dcfg.get("loc_path"))
-                  for s in ("train", "val", "test")}
+        splits = None  # wikitext targets come from the model, loaded below
+        if dcfg.get("format") != "wikitext":
+            splits = {s: load_requests(dcfg[f"{s}_path"], dcfg.get("format"),
+                                       loc_path=dcfg.get("loc_path"))
+                      for s in ("train", "val", "test")}
     if mcfg.get("name") is None:
         if bench is None:
             raise ValueError("model.name is null (build a base model) but data is not geonames: "
@@ -93,10 +95,37 @@ def prepare(cfg: dict, progress: bool | None = None) -> Prepared:
             raise ValueError(f"{mcfg['name']}: no tokenizer files next to the checkpoint")
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
+    if splits is None:
+        splits = _wikitext_splits(cfg, model, tokenizer)
     if cfg.get("remat"):
         model = model.with_remat(True)
     info.update({k: len(v) for k, v in splits.items()})
     return Prepared(model, tokenizer, splits, info)
+
+
+def _wikitext_splits(cfg: dict, model: Model, tokenizer) -> dict[str, list[EditRequest]]:
+    """Passage prefixes with targets sampled (greedily) from the base model, as in the paper."""
+    import numpy as np
+
+    from mend_jax.data import load_wikitext
+    from mend_jax.models import generate
+
+    dcfg = cfg["data"]
+    n_new = dcfg.get("target_tokens", 10)
+
+    def generate_fn(prompts: list[list[int]]) -> list[list[int]]:
+        width = max(len(p) for p in prompts)
+        ids = np.full((len(prompts), width), tokenizer.pad_token_id, np.int32)
+        mask = np.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)], mask[i, : len(p)] = p, 1
+        out = generate(model, model.params, ids, n_new, attention_mask=mask)
+        return np.asarray(out).tolist()
+
+    return {s: load_wikitext(dcfg[f"{s}_path"], generate_fn, tokenizer,
+                             prefix_tokens=dcfg.get("prefix_tokens", 48), target_tokens=n_new,
+                             seed=cfg["seed"], n=dcfg.get(f"n_{s}"))
+            for s in ("train", "val", "test")}
 
 
 def inner_params(cfg: dict, model: Model) -> list[str]:

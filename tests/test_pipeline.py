@@ -154,3 +154,28 @@ def test_sigkill_at_random_points_then_resume_matches_uninterrupted(trained_run,
     for key in ("edit_success", "generality", "drawdown", "locality_kl"):
         assert got["mend"][key] == pytest.approx(ref["mend"][key], abs=1e-6), key
     assert got["_run"]["steps"] == ref["_run"]["steps"] == 40
+
+
+def test_wikitext_data_targets_come_from_the_base_model(tmp_path):
+    import transformers
+
+    from mend_jax.config import load_config
+    from mend_jax.data import build_word_tokenizer
+    from mend_jax.models import from_config, save_pretrained
+    from mend_jax.pipeline import prepare
+
+    texts = [f"the river flows into the sea near the old town and the bridge number {i} " * 2
+             for i in range(6)]
+    (tmp_path / "wiki.txt").write_text("\n\n".join(texts))
+    tok = build_word_tokenizer(texts)
+    model = from_config(transformers.GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=16,
+                                                n_layer=1, n_head=2), tokenizer=tok)
+    save_pretrained(model, None, tmp_path / "m")
+    wiki = tmp_path / "wiki.txt"
+    cfg = load_config(["data=wikitext", f"model.name={tmp_path / 'm'}", f"data.train_path={wiki}",
+                       f"data.val_path={wiki}", f"data.test_path={wiki}", "data.prefix_tokens=8",
+                       f"out_dir={tmp_path / 'run'}", "model.max_length=24"])
+    prep = prepare(cfg, progress=False)
+    req = prep.splits["test"][0]
+    assert len(prep.splits["test"]) == 6
+    assert len(req.prompt.split()) == 8 and len(req.target_new.split()) == 10

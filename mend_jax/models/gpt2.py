@@ -17,7 +17,7 @@ from mend_jax.models.common import (
     attention_bias,
     dot_product_attention,
 )
-from mend_jax.models.names import ParamName
+from mend_jax.models.names import ParamName, last_blocks
 from mend_jax.models.registry import Architecture, register
 
 
@@ -152,11 +152,7 @@ def param_names(c: GPT2Config) -> list[ParamName]:
 
 def default_inner_params(c: GPT2Config) -> list[str]:
     """The reference's GPT-style choice: MLP in/out matrices of the last 3 blocks."""
-    return [
-        f"transformer.h.{i}.mlp.{lin}.weight"
-        for i in range(max(0, c.n_layer - 3), c.n_layer)
-        for lin in ("c_fc", "c_proj")
-    ]
+    return last_blocks("transformer.h.{i}.mlp.{lin}", c.n_layer, ("c_fc", "c_proj"))
 
 
 ARCH = register(

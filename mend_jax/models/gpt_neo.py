@@ -20,7 +20,7 @@ from mend_jax.models.common import (
     attention_bias,
     dot_product_attention,
 )
-from mend_jax.models.names import ParamName
+from mend_jax.models.names import ParamName, last_blocks
 from mend_jax.models.registry import Architecture, register
 
 ATTENTION_TYPES = ("global", "local")
@@ -201,11 +201,7 @@ def param_names(c: GPTNeoConfig) -> list[ParamName]:
 
 def default_inner_params(c: GPTNeoConfig) -> list[str]:
     """The reference's GPT-style choice: MLP in/out matrices of the last 3 blocks."""
-    return [
-        f"transformer.h.{i}.mlp.{lin}.weight"
-        for i in range(max(0, c.num_layers - 3), c.num_layers)
-        for lin in ("c_fc", "c_proj")
-    ]
+    return last_blocks("transformer.h.{i}.mlp.{lin}", c.num_layers, ("c_fc", "c_proj"))
 
 
 ARCH = register(

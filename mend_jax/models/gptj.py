@@ -23,7 +23,7 @@ from mend_jax.models.common import (
     positions_from_mask,
     rotary,
 )
-from mend_jax.models.names import ParamName
+from mend_jax.models.names import ParamName, last_blocks
 from mend_jax.models.registry import Architecture, register
 
 ROTARY_THETA = 10000.0
@@ -172,11 +172,7 @@ def param_names(c: GPTJConfig) -> list[ParamName]:
 
 def default_inner_params(c: GPTJConfig) -> list[str]:
     """The reference's GPT-style choice: MLP in/out matrices of the last 3 blocks."""
-    return [
-        f"transformer.h.{i}.mlp.{lin}.weight"
-        for i in range(max(0, c.n_layer - 3), c.n_layer)
-        for lin in ("fc_in", "fc_out")
-    ]
+    return last_blocks("transformer.h.{i}.mlp.{lin}", c.n_layer, ("fc_in", "fc_out"))
 
 
 ARCH = register(

@@ -23,7 +23,7 @@ from mend_jax.models.common import (
     positions_from_mask,
     rotary,
 )
-from mend_jax.models.names import ParamName
+from mend_jax.models.names import ParamName, last_blocks
 from mend_jax.models.registry import Architecture, register
 
 DEFAULT_ROPE_THETA = 10000.0
@@ -258,11 +258,7 @@ def param_names(c: LlamaConfig) -> list[ParamName]:
 
 def default_inner_params(c: LlamaConfig) -> list[str]:
     """The reference's decoder choice, MLP in/out matrices of the last 3 layers (SwiGLU: up, down)."""
-    return [
-        f"model.layers.{i}.mlp.{lin}.weight"
-        for i in range(max(0, c.num_hidden_layers - 3), c.num_hidden_layers)
-        for lin in ("up_proj", "down_proj")
-    ]
+    return last_blocks("model.layers.{i}.mlp.{lin}", c.num_hidden_layers, ("up_proj", "down_proj"))
 
 
 ARCH = register(

@@ -67,6 +67,12 @@ class NameMap:
         return self.by_path[tuple(path)].hf
 
 
+def last_blocks(template: str, n_layers: int, linears: Iterable[str], k: int = 3) -> list[str]:
+    """HF names of `linears` in the last k blocks; template like "transformer.h.{i}.mlp.{lin}"."""
+    return [f"{template.format(i=i, lin=lin)}.weight"
+            for i in range(max(0, n_layers - k), n_layers) for lin in linears]
+
+
 def get_path(tree: dict, path: tuple[str, ...]) -> Any:
     for key in path:
         tree = tree[key]
