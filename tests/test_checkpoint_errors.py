@@ -6,10 +6,9 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
+import transformers
 from safetensors.numpy import load_file, save_file
-
-transformers = pytest.importorskip("transformers")
-torch = pytest.importorskip("torch")
 
 from mend_jax.models import CheckpointError, load_pretrained, supported_model_types
 

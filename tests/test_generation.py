@@ -2,9 +2,8 @@
 
 import numpy as np
 import pytest
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch
+import transformers
 
 from mend_jax.models import generate, load_pretrained, supported_model_types
 from tests.parity_utils import right_padded_batch

@@ -3,9 +3,8 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch
+import transformers
 
 from mend_jax.models import load_pretrained, save_pretrained, set_path
 from tests.parity_utils import masked_max_diff, right_padded_batch, torch_logits

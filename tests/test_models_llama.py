@@ -2,9 +2,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch
+import transformers
 
 from mend_jax.models import get_path, load_pretrained, save_pretrained, set_path
 from mend_jax.models.llama import LlamaConfig

@@ -155,7 +155,7 @@ class MEND:
         cfg, lay = self.config, self.layout
         nets, stats = {}, {}
         first = {}
-        for name, group, shape in zip(lay.inner_params, lay.groups, lay.shapes):
+        for group, shape in zip(lay.groups, lay.shapes):
             first.setdefault(group, shape)
         sizes = dict(lay.group_sizes)
         for (group, (d_in, d_out)), k in zip(first.items(), jax.random.split(key, len(first))):
