@@ -5,7 +5,7 @@ import pytest
 import torch
 import transformers
 
-from mend_jax.models import generate, load_pretrained, supported_model_types
+from mend_jax.models import generate, load_pretrained
 from tests.parity_utils import right_padded_batch
 
 VOCAB = 101
@@ -88,7 +88,6 @@ def test_generate_validates_inputs(gpt2):
         generate(model, model.params, ids, 3, attention_mask=mask)
 
 
-@pytest.mark.skipif("t5" not in supported_model_types(), reason="t5 is not registered yet")
 def test_t5_greedy_matches_hf(tmp_path):
     torch.manual_seed(0)
     cfg = transformers.T5Config(
