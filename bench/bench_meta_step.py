@@ -179,6 +179,9 @@ def main(argv=None) -> None:
     p.add_argument("--model", choices=["gpt2", "t5", "both"], default="both")
     p.add_argument("--workers", default=",".join(WORKERS),
                    help=f"comma-separated subset of {', '.join(WORKERS)}")
+    p.add_argument("--torch-omp-wait", choices=["passive", "default"], default="passive",
+                   help="OMP_WAIT_POLICY for the PyTorch workers (default passive: spin-waiting "
+                        "OpenMP threads slow PyTorch several-fold on a shared machine)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -191,13 +194,16 @@ def main(argv=None) -> None:
         for w in workers:
             flags = ["--worker", w, "--model", m, "--steps", str(args.steps),
                      "--warmup", str(args.warmup)] + (["--small"] if args.small else [])
-            r = common.run_worker("bench_meta_step.py", flags)
+            env = ({"OMP_WAIT_POLICY": "PASSIVE"}
+                   if w.startswith("torch") and args.torch_omp_wait == "passive" else {})
+            r = common.run_worker("bench_meta_step.py", flags, env=env)
             print(f"  {r['model']:12s} {r['framework']:9s} {r['what']:24s} "
                   f"{r['median_s']:.3f} s  peak {r['peak_steps_mib']} MiB", file=sys.stderr)
             rows.append(r)
     table = common.markdown_table(rows, ["model", "framework", "what", "median_s", "min_s",
                                          "first_call_s", "peak_steps_mib", "peak_all_mib",
                                          "load1"])
+    torch_threads = _torch_threads()
     notes = [
         "batch per meta-step: 1 edit + 1 equivalent + 1 locality sequence of "
         f"{common.SEQ_SMALL if args.small else common.SEQ} tokens (T5: encoder length; decoder "
@@ -216,11 +222,15 @@ def main(argv=None) -> None:
         "init and XLA compilation.",
         "load1 is the 1-minute load average when the row finished: this machine's cores are "
         "shared, so compare rows with similar load.",
+        f"PyTorch workers ran with {torch_threads} intra-op threads and OMP_WAIT_POLICY="
+        f"{'PASSIVE' if args.torch_omp_wait == 'passive' else 'unset (spin-waiting)'}: with the "
+        "default spin-waiting, a GPT-2 small forward measured 3.6x slower (2.6 s vs 0.7 s) "
+        "on this shared 2-core machine under load ~3.",
     ]
     notes += summarise(rows)
     common.report(f"MEND meta-training step ({'small' if args.small else 'full'} shapes)",
                   table, notes, record=not args.no_record,
-                  extra_machine={"torch_threads": _torch_threads()})
+                  extra_machine={"torch_threads": torch_threads})
 
 
 def _torch_threads():
