@@ -172,17 +172,17 @@ def _params_from_tensors(arch, config, tensors, dtype, source) -> dict:
     missing, unexpected, misshaped = [], [], []
     params: dict = {}
     for n in names.names:
-        source = n.hf if n.hf in tensors else n.fallback if n.fallback in tensors else None
-        if source is None:
+        key = n.hf if n.hf in tensors else n.fallback if n.fallback in tensors else None
+        if key is None:
             if not (n.optional or n.tied_to):
                 missing.append(n.hf)
             continue
         if n.tied_to is not None:
             continue
-        leaf = n.to_leaf(tensors[source])
+        leaf = n.to_leaf(tensors[key])
         want = expected.get(n.path)
         if want is None or tuple(leaf.shape) != tuple(want.shape):
-            misshaped.append(f"{n.hf}: got {tuple(tensors[source].shape)}, expected "
+            misshaped.append(f"{n.hf}: got {tuple(tensors[key].shape)}, expected "
                              f"{tuple(n.to_hf(np.zeros(want.shape)).shape) if want else '?'}")
             continue
         params = set_path(params, n.path, jnp.asarray(leaf, dtype=dtype))
