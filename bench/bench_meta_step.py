@@ -189,6 +189,9 @@ def main(argv=None) -> None:
 
     models = ["gpt2", "t5"] if args.model == "both" else [args.model]
     workers = [w for w in args.workers.split(",") if w]
+    unknown = [w for w in workers if w not in WORKERS]
+    if unknown:
+        p.error(f"--workers: unknown {unknown}; choose from {', '.join(WORKERS)}")
     rows = []
     for m in models:
         for w in workers:
