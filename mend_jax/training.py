@@ -48,7 +48,9 @@ class MetaTrainer:
             optax.multi_transform({"nets": optax.adam(c.lr), "edit_lrs": optax.adam(c.lr_lr)},
                                   _labels),
         )
-        self.optimizer = optax.MultiSteps(inner, every_k_schedule=c.accumulate)
+        # MultiSteps keeps a gradient-sized accumulator: only pay for it when accumulating.
+        self.optimizer = (inner if c.accumulate == 1
+                          else optax.MultiSteps(inner, every_k_schedule=c.accumulate))
 
     def init(self, key: jax.Array) -> dict:
         editor_state = self.editor.init(key)

@@ -101,3 +101,20 @@ def test_bfloat16_base_model_and_remat_blocks():
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["editor"]))
     new = jax.jit(trainer.editor.edit)(state["editor"], bf16, batch["edit_inner"])
     assert new["transformer"]["h_0"]["mlp"]["c_fc"]["kernel"].dtype == jnp.bfloat16
+
+
+def test_gradient_accumulation_applies_the_mean_every_k_steps():
+    cfg = transformers.GPT2Config(vocab_size=V, n_positions=8, n_embd=16, n_layer=1, n_head=2)
+    model = from_config(cfg, seed=0)
+    logits = jax.jit(lambda p, ids: model.logits(p, ids))
+    batch = synthetic_batch(np.random.default_rng(0), logits, model.params, 2)
+    trainer = MetaTrainer(MEND(model, config=MENDConfig(rank=8)),
+                          TrainConfig(lr=1e-2, lr_lr=1e-2, accumulate=2))
+    step = jax.jit(trainer.step)
+    state0 = trainer.init(jax.random.key(0))
+    state1, _ = step(state0, model.params, batch)
+    state2, _ = step(state1, model.params, batch)
+    p0, p1, p2 = (s["editor"]["params"]["edit_lrs"] for s in (state0, state1, state2))
+    name = next(iter(p0))
+    assert float(p1[name]) == float(p0[name])      # first micro-step: accumulated only
+    assert float(p2[name]) != float(p0[name])      # second: the averaged update is applied
