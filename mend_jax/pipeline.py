@@ -171,6 +171,15 @@ def evaluate_all(cfg: dict, prep: Prepared, mend: MEND, editor_state: dict, *,
 def train(cfg: dict, *, resume: bool = False) -> tuple[Path, dict]:
     """Meta-train MEND as configured, then evaluate all methods; writes results.json."""
     run_dir = Path(cfg["out_dir"])
+    if not resume and (run_dir / "checkpoints").exists():
+        # Never overwrite a finished or interrupted run: a fresh run goes next to it.
+        n = 1
+        while (run_dir.parent / f"{run_dir.name}-{n}" / "checkpoints").exists():
+            n += 1
+        run_dir = run_dir.parent / f"{run_dir.name}-{n}"
+        log.warning("%s holds a run already (use --resume to continue it); writing to %s",
+                    cfg["out_dir"], run_dir)
+        cfg = dict(cfg, out_dir=str(run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     t0 = time.time()

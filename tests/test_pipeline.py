@@ -175,3 +175,16 @@ def test_wikitext_data_targets_come_from_the_base_model(tmp_path):
     req = prep.splits["test"][0]
     assert len(prep.splits["test"]) == 6
     assert len(req.prompt.split()) == 8 and len(req.target_new.split()) == 10
+
+
+def test_a_second_run_never_overwrites_the_first(trained_run):
+    from mend_jax.config import load_config
+    from mend_jax.pipeline import train
+
+    run_dir, root = trained_run
+    before = (run_dir / "results.json").read_bytes()
+    overrides = tiny_overrides(run_dir, root / "cache", max_steps=5) + ["eval.methods=[mend]"]
+    second, _ = train(load_config(overrides))
+    assert second == run_dir.parent / f"{run_dir.name}-1"
+    assert (second / "results.json").exists()
+    assert (run_dir / "results.json").read_bytes() == before
