@@ -47,14 +47,6 @@ def sequence_correct(logits, labels, shift: bool) -> jax.Array:
     return hit.all(-1) & mask.any(-1)
 
 
-def token_accuracy(logits, labels, shift: bool) -> jax.Array:
-    """Per-example fraction of counted target tokens predicted correctly [B]."""
-    logits, labels = _align(logits, labels, shift)
-    mask = labels != IGNORE
-    hit = (jnp.argmax(logits, -1) == labels) & mask
-    return hit.sum(-1) / jnp.maximum(mask.sum(-1), 1)
-
-
 def locality_kl(base_logits, edited_logits, mask) -> jax.Array:
     """KL(p_base ‖ p_edited) per counted position, averaged over counted positions."""
     lp_base = jax.nn.log_softmax(base_logits.astype(jnp.float32), -1)
