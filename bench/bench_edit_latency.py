@@ -1,7 +1,8 @@
 """Edit latency: jitted `MEND.edit` vs one plain forward+backward of the base model (the floor).
 
 An edit costs one forward/backward pass to capture (u, δ) plus the editor networks and the
-rank-1 sums; the floor is the forward+backward alone on the same batch. Usage:
+rank-1 sums; the floor is the forward+backward alone on the same batch. Runs on JAX's default
+backend (the GPU when jax has one). Usage:
 
     python bench/bench_edit_latency.py --edits 1,10,100 --steps 5
     python bench/bench_edit_latency.py --small --steps 2 --no-record     # smoke run
@@ -25,6 +26,8 @@ def main(argv=None) -> None:
     import jax
     import jax.numpy as jnp
     import numpy as np
+
+    platform_ = common.setup_jax(args.matmul_precision)
 
     from mend_jax.capture import capture, model_inputs
     from mend_jax.editors import MEND, MENDConfig
@@ -106,13 +109,17 @@ def main(argv=None) -> None:
         "backward for every parameter (a plain training pass).",
         f"each function compiled ahead of time (`jit(...).lower(...).compile()`; "
         f"edit_compile_s), then median of {args.steps} calls after {args.warmup} warm-up "
-        "calls, blocked until ready.",
+        f"calls, blocked until ready (jax.block_until_ready); device: "
+        f"{common.jax_device_name()}.",
         "load1: 1-minute load average after the row (the cores are shared: compare ratios "
         "within a row, they are measured back to back).",
         f"target edit <= 1.2x forward+backward (inner-weight floor): "
         f"{'met' if worst <= 1.2 else 'NOT met'} (worst {worst:.2f}x).",
     ]
-    common.report(f"Edit latency ({'small' if args.small else 'full'} shape)", table, notes,
+    if platform_ != "cpu":
+        notes.append(common.precision_note(args.matmul_precision, torch=False))
+    common.report(f"Edit latency ({'small' if args.small else 'full'} shape"
+                  f"{'' if platform_ == 'cpu' else ', GPU'})", table, notes,
                   record=not args.no_record)
 
 

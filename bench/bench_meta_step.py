@@ -2,7 +2,9 @@
 
 Also plain fine-tuning (one forward+backward and an Adam step) for the memory comparison.
 Every framework/config runs in its own subprocess, so compile caches and peak-memory marks never
-mix. Usage:
+mix. mend-jax runs on JAX's default backend (the GPU when jax has one); the PyTorch rows on
+`--torch-device` (auto: CUDA when PyTorch sees it). On a GPU, memory is the device allocator's,
+on the CPU the process's resident set (see `common.py`'s meters). Usage:
 
     python bench/bench_meta_step.py --model both --steps 5
     python bench/bench_meta_step.py --small --steps 2 --no-record     # smoke run
@@ -31,7 +33,8 @@ FT_LR = 1e-5
 
 # ----------------------------------------------------------------------------- workers
 def _jax_step(worker: str, model_kind: str, small: bool):
-    """(call, block, describe) for a mend-jax worker."""
+    """(call, block, describe, analyse) for a mend-jax worker; analyse() gives the bytes
+    a step allocates beyond its arguments (XLA's buffer assignment)."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -56,7 +59,8 @@ def _jax_step(worker: str, model_kind: str, small: bool):
             return metrics
 
         return call, jax.block_until_ready, lambda m: {"loss": float(m["loss"]),
-                                                       "skipped": float(m["skipped"])}
+                                                       "skipped": float(m["skipped"])}, (
+            lambda: common.step_buffer_bytes(step, box["state"], params, batch))
 
     names = model.default_inner_params() if worker == "jax-ft-inner" else None
     paths = ([model.names.path(n) for n in names] if names is not None
@@ -90,10 +94,12 @@ def _jax_step(worker: str, model_kind: str, small: bool):
         box["state"], value = step(box["state"], params, inner)
         return value
 
-    return call, jax.block_until_ready, lambda v: {"loss": float(v)}
+    return call, jax.block_until_ready, lambda v: {"loss": float(v)}, (
+        lambda: common.step_buffer_bytes(step, box["state"], params, inner))
 
 
-def _torch_step(worker: str, model_kind: str, small: bool):
+def _torch_step(worker: str, model_kind: str, small: bool, device):
+    """(call, block, describe, analyse) for a PyTorch worker on `device`."""
     import torch
     import torch_mend
     import transformers
@@ -106,14 +112,20 @@ def _torch_step(worker: str, model_kind: str, small: bool):
     cfg = common.hf_config(model_kind, small)
     cls = (transformers.T5ForConditionalGeneration if model_kind == "t5"
            else transformers.GPT2LMHeadModel)
-    model = cls(cfg).eval()
+    model = cls(cfg).eval().to(device)
     arch = get_architecture(cfg.model_type)
     inner = arch.default_inner_params(arch.config_from_hf(cfg))
-    batch = torch_mend.to_torch(common.meta_batch(model_kind, cfg.vocab_size, 1, 1, small))
+    batch = torch_mend.to_torch(common.meta_batch(model_kind, cfg.vocab_size, 1, 1, small),
+                                device)
+
+    def block(x):  # CUDA kernels run asynchronously: the call is done when the device is
+        common.torch_sync(device)
+        return x
+
     if worker == "torch-mend":
         trainer = torch_mend.TorchMEND(model, inner, MENDConfig(), TrainConfig(accumulate=1))
-        return (lambda: trainer.step(batch)), (lambda x: x), (
-            lambda m: {"loss": float(m["loss"])})
+        return (lambda: trainer.step(batch)), block, (
+            lambda m: {"loss": float(m["loss"])}), (lambda: None)
 
     trained = [p for n, p in model.named_parameters() if worker == "torch-ft-all" or n in inner]
     for p in model.parameters():
@@ -132,43 +144,67 @@ def _torch_step(worker: str, model_kind: str, small: bool):
         opt.step()
         return loss.detach()
 
-    return call, (lambda x: x), (lambda v: {"loss": float(v)})
+    return call, block, (lambda v: {"loss": float(v)}), (lambda: None)
 
 
-def run_worker_here(worker: str, model_kind: str, small: bool, steps: int, warmup: int) -> None:
+def run_worker_here(worker: str, model_kind: str, small: bool, steps: int, warmup: int,
+                    precision: str = "tf32", torch_device: str = "auto") -> None:
+    info = {}
+    # everything imported before the baseline, so imports (jax and transformers in every worker,
+    # mend_jax's configs in the PyTorch ones) do not count as the workload's memory
+    import transformers
+
+    import mend_jax.editors  # noqa: F401
+    import mend_jax.models  # noqa: F401
+    import mend_jax.training  # noqa: F401
+
+    for cls in ("GPT2LMHeadModel", "T5ForConditionalGeneration"):  # load the lazy modules
+        getattr(transformers, cls)
     if worker.startswith("jax"):
-        import jax
+        import optax  # noqa: F401
 
-        jax.devices()  # start the runtime before taking the baseline
+        import mend_jax.capture  # noqa: F401
+        import mend_jax.metrics  # noqa: F401
+
+        platform_ = common.setup_jax(precision)  # starts the runtime before the baseline
+        meter = (common.JaxDeviceMeter() if common.jax_device_memory() is not None
+                 else common.HostMeter())
+        info["device"] = common.jax_device_name()
         build = _jax_step
+        sync = lambda: None  # JAX outputs are blocked on by `block`
     else:
-        import torch  # noqa: F401
+        import torch
         import torch_mend  # noqa: F401
-        import transformers  # noqa: F401
 
-        build = _torch_step
-    common.reset_peak()  # trim import garbage so the baseline is what stays resident
-    base = common.proc_status_kb().get("VmRSS", 0)
-    call, block, describe = build(worker, model_kind, small)
+        device = common.torch_device(torch_device)
+        common.setup_torch(device, precision)
+        if device.type == "cuda":
+            torch.cuda.init()  # the CUDA context before the baseline, as JAX's runtime above
+        platform_ = device.type
+        meter = common.TorchCudaMeter(device) if device.type == "cuda" else common.HostMeter()
+        info.update(device=common.torch_device_name(device),
+                    torch=torch.__version__, torch_threads=torch.get_num_threads())
+        build = lambda w, m, s: _torch_step(w, m, s, device)
+        sync = lambda: common.torch_sync(device)
+    meter.start()
+    call, block, describe, analyse = build(worker, model_kind, small)
+    sync()  # nothing queued (weights moved to the device, ...) leaks into the first timing
     _, first = common.time_calls(call, 0, 1, block)
     common.time_calls(call, 0, max(0, warmup - 1), block)
-    whole = common.proc_status_kb().get("VmHWM", 0)
-    reset = common.reset_peak()
+    meter.before_steps()
     times = []
     out = None
     for _ in range(steps):
         t = time.perf_counter()
         out = block(call())
         times.append(time.perf_counter() - t)
-    st = common.proc_status_kb()
+    mem = meter.finish(analyse)
     framework, what = WORKERS[worker]
     common.emit({
         "model": common.shape_name(model_kind, small), "framework": framework, "what": what,
+        "platform": platform_,
         "median_s": common.median(times), "min_s": min(times) if times else float("nan"),
-        "first_call_s": first,
-        "peak_steps_mib": common.mib(st.get("VmHWM", 0) - base) if reset else float("nan"),
-        "peak_all_mib": common.mib(max(whole, st.get("VmHWM", 0)) - base),
-        "baseline_mib": common.mib(base), "load1": common.load1(),
+        "first_call_s": first, **mem, "load1": common.load1(), **info,
         **(describe(out) if out is not None else {}),
     })
 
@@ -182,10 +218,12 @@ def main(argv=None) -> None:
     p.add_argument("--torch-omp-wait", choices=["passive", "default"], default="passive",
                    help="OMP_WAIT_POLICY for the PyTorch workers (default passive: spin-waiting "
                         "OpenMP threads slow PyTorch several-fold on a shared machine)")
+    common.add_torch_device_arg(p)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        return run_worker_here(args.worker, args.model, args.small, args.steps, args.warmup)
+        return run_worker_here(args.worker, args.model, args.small, args.steps, args.warmup,
+                               args.matmul_precision, args.torch_device)
 
     models = ["gpt2", "t5"] if args.model == "both" else [args.model]
     workers = [w for w in args.workers.split(",") if w]
@@ -196,17 +234,28 @@ def main(argv=None) -> None:
     for m in models:
         for w in workers:
             flags = ["--worker", w, "--model", m, "--steps", str(args.steps),
-                     "--warmup", str(args.warmup)] + (["--small"] if args.small else [])
-            env = ({"OMP_WAIT_POLICY": "PASSIVE"}
-                   if w.startswith("torch") and args.torch_omp_wait == "passive" else {})
+                     "--warmup", str(args.warmup), "--matmul-precision", args.matmul_precision,
+                     "--torch-device", args.torch_device] + (["--small"] if args.small else [])
+            env = {}
+            if w.startswith("torch"):
+                # JAX (imported through mend_jax for configs) must leave the GPU to PyTorch
+                env["JAX_PLATFORMS"] = "cpu"
+                if args.torch_omp_wait == "passive":
+                    env["OMP_WAIT_POLICY"] = "PASSIVE"
             r = common.run_worker("bench_meta_step.py", flags, env=env)
-            print(f"  {r['model']:12s} {r['framework']:9s} {r['what']:24s} "
-                  f"{r['median_s']:.3f} s  peak {r['peak_steps_mib']} MiB", file=sys.stderr)
+            print(f"  {r['model']:12s} {r['framework']:9s} {r['what']:24s} {r['device']} "
+                  f"{r['median_s']:.3f} s  peak {r['peak_steps_mib']} MiB ({r['mem']})",
+                  file=sys.stderr, flush=True)
             rows.append(r)
-    table = common.markdown_table(rows, ["model", "framework", "what", "median_s", "min_s",
-                                         "first_call_s", "peak_steps_mib", "peak_all_mib",
-                                         "load1"])
-    torch_threads = _torch_threads()
+    table = common.markdown_table(rows, ["model", "framework", "what", "device", "median_s",
+                                         "min_s", "first_call_s", "mem", "peak_steps_mib",
+                                         "peak_all_mib", "resident_mib", "load1"])
+    torch_rows = [r for r in rows if r["framework"] == "pytorch"]
+    torch_threads = torch_rows[0]["torch_threads"] if torch_rows else _torch_threads()
+    extra = {"torch_threads": torch_threads}
+    if torch_rows:
+        extra.update(torch=torch_rows[0]["torch"], torch_device=torch_rows[0]["device"])
+    on_gpu = any(r["platform"] != "cpu" for r in rows)
     notes = [
         "batch per meta-step: 1 edit + 1 equivalent + 1 locality sequence of "
         f"{common.SEQ_SMALL if args.small else common.SEQ} tokens (T5: encoder length; decoder "
@@ -217,23 +266,52 @@ def main(argv=None) -> None:
         "both frameworks. Fine-tuning rows: one forward+backward on the edit sequence + Adam.",
         f"time: median (and min) of {args.steps} steps after {args.warmup} warm-up steps; "
         "first_call_s is the first warm-up call (includes jit compilation for mend-jax). "
-        "JAX results are blocked until ready.",
-        "memory: each row is its own subprocess; peak = VmHWM from /proc/self/status minus the "
-        "RSS after imports (runtime started, nothing built), so it counts model params, editor, "
-        "optimizer state and activations. peak_steps_mib: VmHWM reset (clear_refs 5) after "
-        "warm-up, i.e. steady-state training; peak_all_mib: over the whole run, incl. model "
-        "init and XLA compilation.",
+        "JAX results are blocked until ready; PyTorch CUDA rows call torch.cuda.synchronize() "
+        "before the first call and at the end of every timed call.",
+        "memory: each row is its own subprocess; every number is relative to a baseline taken "
+        "after imports with the runtime started and nothing built, so it counts model params, "
+        "editor, optimizer state and activations. peak_steps_mib: peak over the timed steps "
+        "(steady-state training); peak_all_mib: peak over the whole run, incl. model init and "
+        "compilation; resident_mib: in use right before the timed steps. The mem column says "
+        "what was measured: " + "; ".join(_mem_notes(rows)) + ".",
         "load1 is the 1-minute load average when the row finished: this machine's cores are "
         "shared, so compare rows with similar load.",
         f"PyTorch workers ran with {torch_threads} intra-op threads and OMP_WAIT_POLICY="
         f"{'PASSIVE' if args.torch_omp_wait == 'passive' else 'unset (spin-waiting)'}: with the "
         "default spin-waiting, a GPT-2 small forward measured 3.6x slower (2.6 s vs 0.7 s) "
-        "on this shared 2-core machine under load ~3.",
+        "on this shared 2-core machine under load ~3 (a CPU-run measurement).",
     ]
+    if on_gpu:
+        notes.append(common.precision_note(args.matmul_precision))
     notes += summarise(rows)
-    common.report(f"MEND meta-training step ({'small' if args.small else 'full'} shapes)",
-                  table, notes, record=not args.no_record,
-                  extra_machine={"torch_threads": torch_threads})
+    common.report(f"MEND meta-training step ({'small' if args.small else 'full'} shapes"
+                  f"{', GPU' if on_gpu else ''})", table, notes, record=not args.no_record,
+                  extra_machine=extra)
+
+
+def _mem_notes(rows) -> list[str]:
+    kinds = dict.fromkeys(r["mem"] for r in rows)
+    text = {
+        "host RSS": "'host RSS' (CPU rows): VmHWM/VmRSS from /proc/self/status; the heap is "
+                    "trimmed (malloc_trim) and VmHWM reset (clear_refs 5) after warm-up, so "
+                    "peak_steps_mib is the peak over the timed steps",
+        "GPU (torch)": "'GPU (torch)': PyTorch's CUDA caching allocator, bytes held by tensors "
+                       "(torch.cuda.memory_allocated / max_memory_allocated, not the cache it "
+                       "reserves, not the CUDA context, but the cuBLAS workspaces it takes on "
+                       "the first matmul); torch.cuda.reset_peak_memory_stats() "
+                       "after warm-up, so peak_steps_mib is the measured peak over the timed "
+                       "steps",
+        "GPU (XLA)": "'GPU (XLA)': XLA's device allocator, jax.devices()[0].memory_stats() "
+                     "(bytes_in_use, peak_bytes_in_use; XLA_PYTHON_CLIENT_PREALLOCATE=false, "
+                     "not the CUDA context). JAX cannot reset the peak, so peak_all_mib is the "
+                     "measured peak_bytes_in_use of the whole subprocess and resident_mib the "
+                     "measured bytes_in_use before the timed steps, while peak_steps_mib = "
+                     "resident_mib + the jitted step's own buffers from XLA's buffer assignment "
+                     "(compiled.memory_analysis(): temp + outputs not aliased to donated "
+                     "inputs), which XLA allocates for every execution",
+    }
+    return [text.get(k, k) for k in kinds]
+
 
 
 def _torch_threads():
@@ -251,7 +329,10 @@ def summarise(rows) -> list[str]:
     for model in dict.fromkeys(r["model"] for r in rows):
         jm, tm = by.get((model, "mend-jax", "MEND meta-step")), by.get((model, "pytorch",
                                                                            "MEND meta-step"))
-        if jm and tm:
+        if jm and tm and (jm["platform"] == "cpu") != (tm["platform"] == "cpu"):
+            out.append(f"{model}: mend-jax ran on {jm['device']} and PyTorch on "
+                       f"{tm['device']}: step times not compared.")
+        elif jm and tm:
             s = tm["median_s"] / jm["median_s"]
             out.append(f"{model}: mend-jax meta-step is {s:.2f}x faster than PyTorch "
                        f"(target >= 3x: {'met' if s >= 3 else 'NOT met'}).")

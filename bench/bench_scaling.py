@@ -132,7 +132,9 @@ def main(argv=None) -> None:
         "MENDConfig() defaults, TrainConfig(accumulate=1).",
         f"sharding: {rows[0]['how'] if rows else '?'}.",
         f"median of {args.steps} steps after {args.warmup} warm-up steps, each device count in "
-        "its own subprocess (XLA_FLAGS=--xla_force_host_platform_device_count=N).",
+        "its own subprocess (XLA_FLAGS=--xla_force_host_platform_device_count=N, "
+        "JAX_PLATFORMS=cpu: CPU devices even on a machine with a GPU, which the machine line's "
+        "jax_device may name).",
     ]
     common.report(f"Data-parallel scaling on simulated CPU devices "
                   f"({'small' if args.small else args.model})", table, notes,

@@ -29,6 +29,12 @@ RESULT_TAG = "BENCH_RESULT "  # a worker subprocess prints one line "BENCH_RESUL
 if str(REPO) not in sys.path:  # the benches run from a checkout, mend_jax need not be installed
     sys.path.insert(0, str(REPO))
 
+# On a GPU, XLA by default preallocates 75% of the device's memory at start-up: device-memory
+# numbers would be meaningless and a PyTorch process beside it would run short. Allocate on
+# demand instead (read when jax's GPU backend starts, so it must be set before that; the workers
+# measuring memory get it forced by `run_worker`).
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
 
 # ----------------------------------------------------------------------------- arguments
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -38,7 +44,94 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2,
                    help="untimed repetitions first (the first one includes jit compilation)")
     p.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
+    p.add_argument("--matmul-precision", choices=list(MATMUL_PRECISIONS), default="tf32",
+                   help="float32 matmuls on a GPU (no effect on CPU): tf32 (default: both "
+                        "frameworks may use TensorFloat-32, JAX's own GPU default), fp32 (full "
+                        "float32 in both, PyTorch's own default), or default (each framework's "
+                        "default: TF32 in JAX, float32 in PyTorch, an unequal comparison)")
     return p
+
+
+def add_torch_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--torch-device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where the PyTorch rows run (auto: cuda when torch.cuda.is_available())")
+
+
+# ----------------------------------------------------------------------------- devices
+# --matmul-precision -> (jax_default_matmul_precision or None to keep JAX's default,
+#                        torch.set_float32_matmul_precision or None to keep PyTorch's)
+MATMUL_PRECISIONS = {"tf32": ("tensorfloat32", "high"), "fp32": ("highest", "highest"),
+                     "default": (None, None)}
+
+
+def precision_note(precision: str, torch: bool = True) -> str:
+    """A RESULTS.md note saying which float32 matmul precision a GPU run used."""
+    if precision == "tf32":
+        what = ("TensorFloat-32 allowed for float32 matmuls (jax_default_matmul_precision="
+                "tensorfloat32" + (", torch.set_float32_matmul_precision('high')" if torch
+                                   else "") + ")")
+    elif precision == "fp32":
+        what = ("full float32 matmuls (jax_default_matmul_precision=highest"
+                + (", torch.set_float32_matmul_precision('highest')" if torch else "") + ")")
+    else:
+        what = ("each framework's default float32 matmul precision (JAX: TensorFloat-32 on the "
+                "GPU" + (", PyTorch: full float32; not a like-for-like comparison" if torch
+                         else "") + ")")
+    return f"GPU matmul precision (--matmul-precision {precision}): {what}."
+
+
+def setup_jax(precision: str) -> str:
+    """Start JAX's runtime, apply --matmul-precision on a GPU; the backend's platform name."""
+    import jax
+
+    platform_ = jax.default_backend()
+    jax_prec = MATMUL_PRECISIONS[precision][0]
+    if platform_ != "cpu" and jax_prec is not None:
+        jax.config.update("jax_default_matmul_precision", jax_prec)
+    return platform_
+
+
+def torch_device(choice: str = "auto"):
+    """The torch.device for --torch-device (auto: cuda when PyTorch sees one)."""
+    import torch
+
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--torch-device cuda: PyTorch sees no CUDA device")
+    return torch.device(choice)
+
+
+def setup_torch(device, precision: str) -> None:
+    """Apply --matmul-precision (CUDA only: on CPU 'high' may mean bfloat16 in some builds)."""
+    import torch
+
+    torch_prec = MATMUL_PRECISIONS[precision][1]
+    if device.type == "cuda" and torch_prec is not None:
+        torch.set_float32_matmul_precision(torch_prec)
+
+
+def torch_sync(device) -> None:
+    """Wait for the device's queued kernels (CUDA launches are asynchronous)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def torch_device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return "cpu"
+
+
+def jax_device_name() -> str:
+    import jax
+
+    dev = jax.devices()[0]
+    return "cpu" if dev.platform == "cpu" else f"{dev.platform}:{dev.device_kind}"
 
 
 # ----------------------------------------------------------------------------- model shapes
@@ -186,6 +279,132 @@ def mib(kb: float) -> float:
     return round(kb / 1024, 1)
 
 
+def jax_device_memory() -> dict | None:
+    """The first JAX device's allocator statistics, or None (CPU: XLA's host allocator keeps
+    none; any backend without both bytes_in_use and peak_bytes_in_use)."""
+    import jax
+
+    dev = jax.devices()[0]
+    if dev.platform == "cpu":
+        return None
+    try:
+        stats = dev.memory_stats()
+    except Exception:  # not every backend implements it
+        return None
+    if not stats or not {"bytes_in_use", "peak_bytes_in_use"} <= set(stats):
+        return None
+    return stats
+
+
+# Each meter follows one worker: start() right after imports (the baseline), before_steps() after
+# warm-up, finish() after the timed steps. All numbers are MiB relative to the baseline.
+# finish() takes a callable giving the bytes one step allocates beyond its arguments
+# (`step_buffer_bytes`); only JaxDeviceMeter uses it.
+#   peak_steps_mib  peak over the timed steps (steady-state training)
+#   peak_all_mib    peak over the whole worker (model init, compilation, warm-up included)
+#   resident_mib    in use right before the timed steps (params, editor, optimizer state, batch)
+class HostMeter:
+    """Host resident set (VmHWM/VmRSS): where the framework computes on the CPU."""
+
+    mem = "host RSS"
+
+    def start(self) -> None:
+        reset_peak()  # trim import garbage so the baseline is what stays resident
+        self.base = proc_status_kb().get("VmRSS", 0)
+
+    def before_steps(self) -> None:
+        self.whole = proc_status_kb().get("VmHWM", 0)
+        self.reset = reset_peak()
+        self.resident = proc_status_kb().get("VmRSS", 0)
+
+    def finish(self, step_buffers: Callable[[], float | None] | None = None) -> dict:
+        hwm = proc_status_kb().get("VmHWM", 0)
+        return {"mem": self.mem,
+                "peak_steps_mib": mib(hwm - self.base) if self.reset else float("nan"),
+                "peak_all_mib": mib(max(self.whole, hwm) - self.base),
+                "resident_mib": mib(self.resident - self.base),
+                "baseline_mib": mib(self.base)}
+
+
+class TorchCudaMeter:
+    """PyTorch's CUDA caching allocator: bytes handed to tensors (memory_allocated), not what the
+    allocator reserves from the driver, and not the CUDA context."""
+
+    mem = "GPU (torch)"
+
+    def __init__(self, device):
+        import torch
+
+        self.torch, self.device = torch, device
+
+    def start(self) -> None:
+        torch_sync(self.device)
+        self.base = self.torch.cuda.memory_allocated(self.device)
+
+    def before_steps(self) -> None:
+        cuda = self.torch.cuda
+        torch_sync(self.device)
+        self.whole = cuda.max_memory_allocated(self.device)
+        self.resident = cuda.memory_allocated(self.device)
+        cuda.reset_peak_memory_stats(self.device)
+
+    def finish(self, step_buffers: Callable[[], float | None] | None = None) -> dict:
+        torch_sync(self.device)
+        peak = self.torch.cuda.max_memory_allocated(self.device)
+        return {"mem": self.mem, "peak_steps_mib": mib((peak - self.base) / 1024),
+                "peak_all_mib": mib((max(self.whole, peak) - self.base) / 1024),
+                "resident_mib": mib((self.resident - self.base) / 1024),
+                "baseline_mib": mib(self.base / 1024),
+                "reserved_peak_mib": mib(self.torch.cuda.max_memory_reserved(self.device)
+                                         / 1024)}
+
+
+class JaxDeviceMeter:
+    """XLA's device allocator (`jax.devices()[0].memory_stats()`), which has no peak reset.
+
+    peak_all_mib is measured: peak_bytes_in_use at the end minus bytes_in_use at the baseline.
+    resident_mib is measured: bytes_in_use right before the timed steps. peak_steps_mib is
+    resident plus the step executable's own buffers from XLA's buffer assignment
+    (`compiled.memory_analysis()`: temp + outputs not aliased to donated inputs), the memory a
+    step allocates on top of what is resident; XLA GPU allocates these once per execution."""
+
+    mem = "GPU (XLA)"
+
+    def start(self) -> None:
+        self.base = jax_device_memory()["bytes_in_use"]
+
+    def before_steps(self) -> None:
+        stats = jax_device_memory()
+        self.resident, self.peak_before = stats["bytes_in_use"], stats["peak_bytes_in_use"]
+
+    def finish(self, step_buffers: Callable[[], float | None] | None = None) -> dict:
+        stats = jax_device_memory()  # before step_buffers(), in case that has to compile
+        step_extra_bytes = step_buffers() if step_buffers is not None else None
+        resident = self.resident - self.base
+        steps = (resident + step_extra_bytes if step_extra_bytes is not None
+                 else float("nan"))
+        return {"mem": self.mem, "peak_steps_mib": mib(steps / 1024),
+                "peak_all_mib": mib((stats["peak_bytes_in_use"] - self.base) / 1024),
+                "resident_mib": mib(resident / 1024), "baseline_mib": mib(self.base / 1024),
+                "step_buffers_mib": (mib(step_extra_bytes / 1024)
+                                     if step_extra_bytes is not None else float("nan")),
+                # the whole-run peak rose during the timed steps: then peak_all is a step's peak
+                "peak_rose_in_steps": stats["peak_bytes_in_use"] > self.peak_before}
+
+
+def step_buffer_bytes(jitted, *args) -> float | None:
+    """Bytes a call of `jitted(*args)` allocates beyond its arguments: XLA's temp buffers plus
+    the outputs that do not reuse a donated argument. The executable is the one already
+    compiled by the jit call (lowering again hits jax's compilation cache)."""
+    try:
+        ma = jitted.lower(*args).compile().memory_analysis()
+    except Exception:  # memory_analysis is not available everywhere
+        return None
+    if ma is None:
+        return None
+    return float(ma.temp_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes)
+
+
 # ----------------------------------------------------------------------------- subprocesses
 def emit(result: dict) -> None:
     """Worker side: hand a result dict to the parent."""
@@ -198,6 +417,7 @@ def run_worker(script: str, args: Sequence[str], env: dict | None = None,
     full_env = dict(os.environ)
     full_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     full_env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    full_env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # real device-memory numbers on a GPU
     full_env.update(env or {})
     cmd = [sys.executable, str(BENCH_DIR / script), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout,
@@ -232,9 +452,15 @@ def machine() -> dict:
     except OSError:
         pass
     dev = jax.devices()[0]
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
-            "cpu_count": os.cpu_count(), "jax": jax.__version__,
-            "jax_device": f"{dev.platform}:{dev.device_kind} x{jax.device_count()}"}
+    out = {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
+           "cpu_count": os.cpu_count(), "jax": jax.__version__,
+           "jax_device": f"{dev.platform}:{dev.device_kind} x{jax.device_count()}"}
+    if dev.platform != "cpu":
+        out["gpu"] = dev.device_kind
+        version = getattr(dev.client, "platform_version", "")
+        if version:
+            out["jax_backend"] = version
+    return out
 
 
 def command_line() -> str:

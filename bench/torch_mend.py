@@ -137,7 +137,9 @@ class Editor(nn.Module):
     def _standardise(self, x, g, side):
         count = getattr(self, f"{g}_count")
         mean, m2 = getattr(self, f"{g}_{side}_mean"), getattr(self, f"{g}_{side}_m2")
-        std = torch.sqrt(m2 / (count - 1).clamp(min=1.0)) if count > 1 else torch.ones_like(m2)
+        # torch.where, not `if count > 1`: a Python branch on a CUDA tensor would wait for the GPU
+        std = torch.where(count > 1, torch.sqrt(m2 / (count - 1).clamp(min=1.0)),
+                          torch.ones_like(m2))
         return (x - mean) / (std + self.config.norm_eps)
 
     def pseudo_gradient(self, name: str, u, d, mask):
@@ -156,15 +158,18 @@ def model_inputs(batch: Mapping[str, torch.Tensor]) -> dict:
     return {k: batch[k] for k in keys if k in batch}
 
 
-def to_torch(batch):
-    """numpy (nested) batch -> torch tensors (int64, as transformers expects)."""
+def to_torch(batch, device=None):
+    """numpy (nested) batch -> torch tensors (int64, as transformers expects) on `device`."""
     if isinstance(batch, Mapping):
-        return {k: to_torch(v) for k, v in batch.items()}
-    return torch.as_tensor(batch).long()
+        return {k: to_torch(v, device) for k, v in batch.items()}
+    return torch.as_tensor(batch).long().to(device)
 
 
 class TorchMEND:
-    """MEND meta-training on a `transformers` model (GPT-2 Conv1D or nn.Linear weights)."""
+    """MEND meta-training on a `transformers` model (GPT-2 Conv1D or nn.Linear weights).
+
+    The editor is built on the model's device (move the model first, e.g. to CUDA); batches
+    must be on that device too (`to_torch(batch, device)`)."""
 
     def __init__(self, model: nn.Module, inner_params: Sequence[str], mend_config, train_config):
         self.model = model.eval()  # no dropout; the base model is never trained here
@@ -179,7 +184,7 @@ class TorchMEND:
         self.transposed = {n: isinstance(m, nn.Linear) for n, m in self.modules.items()}
         shapes = {n: (tuple(named[n].shape[::-1]) if self.transposed[n] else tuple(named[n].shape))
                   for n in self.inner}
-        self.editor = Editor(shapes, mend_config)
+        self.editor = Editor(shapes, mend_config).to(named[self.inner[0]].device)
         c = train_config
         self.optimizer = torch.optim.Adam([
             {"params": list(self.editor.nets.parameters()), "lr": c.lr},
