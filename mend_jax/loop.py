@@ -37,6 +37,14 @@ class LoopConfig:
     early_stop_patience: int = 20_000
     save_every: int = 1000
     log_every: int = 100
+    # The validation metric that picks the best checkpoint and drives early stopping (lower is
+    # better): "edit_loss" (NLL of the new targets after the edit) or "loss" (the whole
+    # meta-objective c_edit·edit + c_loc·KL, as the reference's early-stop key).
+    select_on: str = "edit_loss"
+
+    def __post_init__(self):
+        if self.select_on not in ("edit_loss", "loss"):
+            raise ValueError(f"select_on must be 'edit_loss' or 'loss', got {self.select_on!r}")
 
 
 def batch_at(requests: Sequence[EditRequest], tokenizer, *, seed: int, step: int,
@@ -79,7 +87,8 @@ def train_editor(trainer: MetaTrainer, model_params, train_requests, val_request
     run_dir = Path(run_dir)
     ckpt = Checkpoints(run_dir)
     state = trainer.init(jax.random.key(seed))
-    book = {"step": 0, "best_val_edit_loss": None, "best_step": None, "since_best": 0,
+    book = {"step": 0, "best_val": None, "select_on": cfg.select_on, "best_step": None,
+            "since_best": 0,
             "n_skipped": 0, "val_history": [], "config": meta or {}}
     if resume:
         got = ckpt.restore_latest(state)
@@ -121,10 +130,9 @@ def train_editor(trainer: MetaTrainer, model_params, train_requests, val_request
             for k, v in val.items():
                 writer.add_scalar(f"val/{k}", v, step + 1)
             book["val_history"].append({"step": step + 1, **val})
-            best = book["best_val_edit_loss"]
-            if best is None or val["edit_loss"] < best:
-                book.update(best_val_edit_loss=val["edit_loss"], best_step=step + 1,
-                            since_best=0)
+            best = book["best_val"]
+            if best is None or val[cfg.select_on] < best:
+                book.update(best_val=val[cfg.select_on], best_step=step + 1, since_best=0)
                 ckpt.save_best(step + 1, {"editor": state["editor"]}, book)
             else:
                 book["since_best"] += cfg.val_every

@@ -132,6 +132,14 @@ def inner_params(cfg: dict, model: Model) -> list[str]:
     return cfg["model"].get("inner_params") or model.default_inner_params()
 
 
+def train_config(cfg: dict) -> TrainConfig:
+    """The alg.train section; a cosine schedule decays over the loop's max_steps by default."""
+    tcfg = dict(cfg["alg"]["train"])
+    if tcfg.get("lr_schedule") == "cosine" and not tcfg.get("decay_steps"):
+        tcfg["decay_steps"] = -(-cfg["alg"]["loop"]["max_steps"] // tcfg.get("accumulate", 1))
+    return TrainConfig(**tcfg)
+
+
 def build_mend(cfg: dict, model: Model) -> MEND:
     return MEND(model, inner_params(cfg, model), MENDConfig(**cfg["alg"]["editor"]))
 
@@ -186,8 +194,8 @@ def train(cfg: dict, *, resume: bool = False) -> tuple[Path, dict]:
     prep = prepare(cfg)
     t_prep = time.time() - t0
     mend = build_mend(cfg, prep.model)
-    trainer = MetaTrainer(mend, TrainConfig(**cfg["alg"]["train"]))
     loop_cfg = LoopConfig(**cfg["alg"]["loop"])
+    trainer = MetaTrainer(mend, train_config(cfg))
     summary = train_editor(trainer, prep.model.params, prep.splits["train"], prep.splits["val"],
                            prep.tokenizer, run_dir=run_dir, cfg=loop_cfg, seed=cfg["seed"],
                            max_length=cfg["model"]["max_length"], resume=resume,

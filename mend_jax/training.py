@@ -1,6 +1,7 @@
 """The pure meta-training step of MEND: (state, model_params, batch) -> (state, metrics).
 
 L = c_edit · NLL(edited model, equivalent input, new target) + c_loc · KL(base ‖ edited on loc),
+(with `edit_on="both"` the NLL is taken over the equivalent input and the edit input together),
 differentiated through the edit w.r.t. the editor networks and the per-layer step sizes.
 Jit it at the boundary: `jax.jit(trainer.step, donate_argnums=0)`.
 """
@@ -28,6 +29,27 @@ class TrainConfig:
     c_loc: float = 1.0
     grad_clip: float = 100.0
     accumulate: int = 10        # gradient accumulation steps (optax.MultiSteps)
+    # Where the edit loss is measured after the edit: "outer" (the equivalent input, as the
+    # reference) or "both" (the equivalent input and the edit input itself, averaged).
+    edit_on: str = "outer"
+    # "constant" (the reference) or "cosine": both learning rates decay to 0 over
+    # `decay_steps` optimizer updates (the pipeline sets it from the loop's max_steps).
+    lr_schedule: str = "constant"
+    decay_steps: int | None = None
+
+    def __post_init__(self):
+        if self.edit_on not in ("outer", "both"):
+            raise ValueError(f"edit_on must be 'outer' or 'both', got {self.edit_on!r}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got "
+                             f"{self.lr_schedule!r}")
+        if self.lr_schedule == "cosine" and not self.decay_steps:
+            raise ValueError("lr_schedule='cosine' needs decay_steps > 0")
+
+    def schedule(self, lr: float) -> optax.Schedule | float:
+        if self.lr_schedule == "cosine":
+            return optax.cosine_decay_schedule(lr, self.decay_steps)
+        return lr
 
 
 def _labels(tree):
@@ -45,7 +67,8 @@ class MetaTrainer:
         c = self.config
         inner = optax.chain(
             optax.clip_by_global_norm(c.grad_clip),
-            optax.multi_transform({"nets": optax.adam(c.lr), "edit_lrs": optax.adam(c.lr_lr)},
+            optax.multi_transform({"nets": optax.adam(c.schedule(c.lr)),
+                                   "edit_lrs": optax.adam(c.schedule(c.lr_lr))},
                                   _labels),
         )
         # MultiSteps keeps a gradient-sized accumulator: only pay for it when accumulating.
@@ -69,8 +92,16 @@ class MetaTrainer:
             {"params": editor_params, "stats": stats}, model_params, batch["edit_inner"],
             train=train)
         outer = batch["edit_outer"]
-        post_outer = model.logits(new_params, *model_inputs(outer))
-        edit_loss = masked_nll(post_outer, outer["labels"], shift)
+        if c.edit_on == "both":
+            # One forward over [outer; inner] rows (same width): the mean NLL of both.
+            both = {k: jnp.concatenate([outer[k], batch["edit_inner"][k]])
+                    for k in outer if k in batch["edit_inner"]}
+            post_both = model.logits(new_params, *model_inputs(both))
+            edit_loss = masked_nll(post_both, both["labels"], shift)
+            post_outer = post_both[: outer["labels"].shape[0]]
+        else:
+            post_outer = model.logits(new_params, *model_inputs(outer))
+            edit_loss = masked_nll(post_outer, outer["labels"], shift)
         loc = batch["loc"]
         base_loc = jax.lax.stop_gradient(model.logits(model_params, *model_inputs(loc)))
         post_loc = model.logits(new_params, *model_inputs(loc))

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import transformers
 
 from mend_jax.editors import MEND, MENDConfig
@@ -118,3 +119,48 @@ def test_gradient_accumulation_applies_the_mean_every_k_steps():
     name = next(iter(p0))
     assert float(p1[name]) == float(p0[name])      # first micro-step: accumulated only
     assert float(p2[name]) != float(p0[name])      # second: the averaged update is applied
+
+
+def test_edit_on_both_averages_the_outer_and_inner_edit_loss():
+    cfg = transformers.GPT2Config(vocab_size=V, n_positions=8, n_embd=16, n_layer=1, n_head=2)
+    model = from_config(cfg, seed=0)
+    logits = jax.jit(lambda p, ids: model.logits(p, ids))
+    batch = synthetic_batch(np.random.default_rng(0), logits, model.params, 2)
+    editor = MEND(model, config=MENDConfig(rank=8))
+    state = editor.init(jax.random.key(0))
+    losses = {}
+    for edit_on in ("outer", "both"):
+        trainer = MetaTrainer(editor, TrainConfig(accumulate=1, edit_on=edit_on))
+        _, (m, _) = trainer.loss(state["params"], state["stats"], model.params, batch)
+        losses[edit_on] = float(m["edit_loss"])
+    # "inner" alone: the outer batch replaced by the edit batch itself
+    inner_only = dict(batch, edit_outer=batch["edit_inner"])
+    trainer = MetaTrainer(editor, TrainConfig(accumulate=1))
+    _, (m, _) = trainer.loss(state["params"], state["stats"], model.params, inner_only)
+    # every row has one target token, so the mean over both is the mean of the two means
+    np.testing.assert_allclose(losses["both"], (losses["outer"] + float(m["edit_loss"])) / 2,
+                               rtol=1e-5)
+    assert losses["both"] != losses["outer"]
+    with pytest.raises(ValueError, match="edit_on"):
+        TrainConfig(edit_on="rephrase")
+
+
+def test_cosine_schedule_decays_the_editor_learning_rates_to_zero():
+    cfg = transformers.GPT2Config(vocab_size=V, n_positions=8, n_embd=16, n_layer=1, n_head=2)
+    model = from_config(cfg, seed=0)
+    logits = jax.jit(lambda p, ids: model.logits(p, ids))
+    batch = synthetic_batch(np.random.default_rng(0), logits, model.params, 2)
+    trainer = MetaTrainer(MEND(model, config=MENDConfig(rank=8)),
+                          TrainConfig(lr=1e-2, lr_lr=1e-2, accumulate=1, lr_schedule="cosine",
+                                      decay_steps=2))
+    step = jax.jit(trainer.step)
+    states = [trainer.init(jax.random.key(0))]
+    for _ in range(3):
+        states.append(step(states[-1], model.params, batch)[0])
+    moved = [any(float(jnp.abs(a - b).max()) > 0 for a, b in zip(
+        jax.tree.leaves(s0["editor"]["params"]), jax.tree.leaves(s1["editor"]["params"])))
+        for s0, s1 in zip(states, states[1:])]
+    # steps 0 and 1 use lr > 0; after decay_steps updates the rate is 0 and nothing moves
+    assert moved == [True, True, False]
+    with pytest.raises(ValueError, match="decay_steps"):
+        TrainConfig(lr_schedule="cosine")
