@@ -28,7 +28,7 @@ from mend_jax.metrics import IGNORE, loc_mask, sequence_correct, token_log_probs
 
 METRIC_KEYS = (
     "edit_success", "generality", "drawdown", "locality_kl", "loc_acc_pre", "loc_acc_post",
-    "neighborhood_acc", "pre_edit_success", "n_edits", "n_examples", "edit_time_s",
+    "neighborhood_acc", "neighborhood_acc_pre", "pre_edit_success", "n_edits", "n_examples", "edit_time_s",
     "reliability", "generalization", "locality", "portability",
 )
 _MODEL_KEYS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask",
@@ -158,6 +158,12 @@ def _group_fn(model, editor, batch_size: int | None) -> Callable:
                         _concat([group[k] for k in probe_kinds]), batch_size)
         out.update(zip(probe_kinds, _split(
             post, [group[k]["input_ids"].shape[0] for k in probe_kinds])))
+        if "neighborhood" in group:
+            # The base model on the neighbours, so that the report separates drawdown from
+            # neighbours the base model never got right.
+            pre = _chunked(lambda r: _post_stats(model, model_params, r), group["neighborhood"],
+                           batch_size)
+            out["neighborhood"] = dict(out["neighborhood"], correct_pre=pre["correct_post"])
         return out
 
     return jax.jit(run)
@@ -219,7 +225,8 @@ def evaluate_editor(
       timed_edits: how many groups' edits are timed (separately jitted, compile excluded) for
         `edit_time_s`; 0 skips timing (`edit_time_s` is None).
     Returns:
-      The keys of `METRIC_KEYS` (+ `ppl_drawdown`); `neighborhood_acc` and `portability` are
+      The keys of `METRIC_KEYS` (+ `ppl_drawdown`); `neighborhood_acc` (after the edit),
+      `neighborhood_acc_pre` (the base model) and `portability` are
       None when no request has such probes.
     """
     if n_edits < 1:
@@ -247,9 +254,8 @@ def evaluate_editor(
            for kind in stats[0]}  # each [G, rows]
     inner, loc = cat["edit_inner"], cat["loc"]
 
-    def probe(kind):
-        return _probe_accuracy(cat[kind]["correct_post"], weights.get(kind)) if kind in cat \
-            else None
+    def probe(kind, key="correct_post"):
+        return _probe_accuracy(cat[kind][key], weights.get(kind)) if kind in cat else None
 
     edit_success = float(inner["correct_post"].mean())
     generality = probe("edit_outer")
@@ -265,6 +271,7 @@ def evaluate_editor(
         "loc_acc_pre": acc_pre,
         "loc_acc_post": acc_post,
         "neighborhood_acc": probe("neighborhood"),
+        "neighborhood_acc_pre": probe("neighborhood", "correct_pre"),
         "pre_edit_success": float(inner["correct_pre"].mean()),
         "n_edits": n_edits,
         "n_examples": n_groups * n_edits,

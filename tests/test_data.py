@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from tokenizers import processors
 from transformers import PreTrainedTokenizerFast
@@ -252,6 +253,57 @@ def test_errors_counterfact(tmp_path, rewrite, field, problem):
         load_counterfact(path)
     msg = str(e.value)
     assert str(path) in msg and "record 1 (0-based)" in msg and field in msg and problem in msg
+
+
+def _table(rows: list[dict]):
+    """A `datasets.Dataset` with every field of any row (from_list takes the first row's keys)."""
+    import datasets
+
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    return datasets.Dataset.from_list([{k: r.get(k) for k in keys} for r in rows])
+
+
+def test_datasets_parquet_arrow_and_in_memory(tmp_path):
+    """Columnar files and `datasets.Dataset` objects go through the same loaders."""
+
+    for name in ("zsre_easyedit.json", "counterfact.json", "zsre_mend.jsonl"):
+        expected = load_requests(FIXTURES / name)
+        if name.endswith(".jsonl"):
+            rows = [json.loads(x) for x in (FIXTURES / name).read_text().splitlines() if x.strip()]
+        else:
+            rows = json.loads((FIXTURES / name).read_text())
+        if name == "zsre_easyedit.json":  # arrow needs one type per column: a string -> [string]
+            rows = [dict(r, rephrase=[r["rephrase"]] if isinstance(r["rephrase"], str)
+                         else r["rephrase"]) for r in rows]
+        table = _table(rows)
+        assert load_requests(table) == expected, name
+        parquet = tmp_path / (Path(name).stem + ".parquet")
+        table.to_parquet(str(parquet))
+        assert load_requests(parquet) == expected, name
+        arrow = tmp_path / (Path(name).stem + ".arrow")  # the arrow stream format of datasets
+        with pa.OSFile(str(arrow), "wb") as sink, pa.ipc.new_stream(sink,
+                                                                     table.data.schema) as w:
+            w.write_table(table.data.table)
+        assert load_requests(arrow) == expected, name
+    # rows that lack a field another row has (filled with null by the table) still read alike
+    rows = [_zsre_rec(), {k: v for k, v in _zsre_rec().items() if k != "rephrase"}]
+    table = _table(rows)
+    assert load_requests(table) == load_requests(_write(tmp_path, "z.json", json.dumps(rows)))
+
+
+def test_errors_parquet_name_the_file_record_and_field(tmp_path):
+    path = tmp_path / "z.parquet"
+    _table([_zsre_rec(), _zsre_rec(alt="  ")]).to_parquet(str(path))
+    with pytest.raises(DataError) as e:
+        load_requests(path)
+    msg = str(e.value)
+    assert str(path) in msg and "record 1 (0-based)" in msg and "'alt'" in msg and "empty" in msg
+    bad = _write(tmp_path, "bad.parquet", "not parquet")
+    with pytest.raises(DataError, match="bad.parquet: cannot read as parquet"):
+        load_requests(bad)
+    in_memory = _table([_zsre_rec(), _zsre_rec(loc="")])
+    with pytest.raises(DataError, match=r"datasets.Dataset .*record 1 \(0-based\).*'loc'"):
+        load_requests(in_memory)
 
 
 def test_error_missing_file(tmp_path):

@@ -78,6 +78,7 @@ def test_identity_edit_changes_nothing(identity_results):
     assert m["n_examples"] == len(REQUESTS) and m["n_edits"] == 1
     assert set(m) == set(METRIC_KEYS) | {"ppl_drawdown"}
     assert m["neighborhood_acc"] is not None and m["portability"] is not None
+    assert m["neighborhood_acc_pre"] == m["neighborhood_acc"]  # identity edit: unchanged
     assert m["generality"] == m["generalization"] is not None
     assert m["edit_time_s"] > 0
 
@@ -93,6 +94,7 @@ def test_fine_tuning_reaches_full_edit_success(setup):
     assert 0.0 <= m["generality"] <= 1.0 and 0.0 <= m["locality"] <= 1.0
     assert set(m) == set(METRIC_KEYS)  # exactly: no ppl_drawdown without perplexity=True
     assert m["neighborhood_acc"] is None and m["portability"] is None
+    assert m["neighborhood_acc_pre"] is None
     assert m["edit_time_s"] is None
 
 

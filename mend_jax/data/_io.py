@@ -33,13 +33,28 @@ class Where:
         return replace(self, prefix=f"{self.prefix}{field}.")
 
 
-def read_records(path: str | Path) -> Iterator[tuple[Where, dict[str, Any]]]:
-    """Yield (where, record) from a .jsonl file (one object a line) or a .json list of objects.
+def is_dataset(source: Any) -> bool:
+    """A `datasets.Dataset` (or any table of rows with `features` and `column_names`)."""
+    return hasattr(source, "features") and hasattr(source, "column_names")
 
-    Plain `json` rather than `datasets.load_dataset("json")`: the latter loses line numbers and
-    silently unifies schemas, and our errors must point at the record at fault.
+
+def read_records(source: Any) -> Iterator[tuple[Where, dict[str, Any]]]:
+    """Yield (where, record) from a data file or a `datasets.Dataset`.
+
+    Files: .jsonl (one object a line), .json (a list of objects), .parquet and .arrow (read with
+    the `datasets` library). A `datasets.Dataset` (e.g. `load_dataset(...)["train"]`) is read
+    row by row. JSON goes through plain `json` rather than `datasets.load_dataset("json")`: the
+    latter loses line numbers and silently unifies schemas, and our errors must point at the
+    line at fault; for the columnar formats errors name the file and the record index.
     """
-    path = Path(path)
+    if is_dataset(source):
+        name = getattr(getattr(source, "info", None), "dataset_name", None) or "in memory"
+        yield from _rows(source, f"datasets.Dataset ({name})")
+        return
+    path = Path(source)
+    if path.suffix in (".parquet", ".arrow"):
+        yield from _rows(_load_columnar(path), str(path))
+        return
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     text = path.read_text(encoding="utf-8")
@@ -73,6 +88,35 @@ def read_records(path: str | Path) -> Iterator[tuple[Where, dict[str, Any]]]:
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a json object, got {type(record).__name__}")
         yield where, record
+
+
+def _load_columnar(path: Path) -> Any:
+    """A parquet or arrow file as a `datasets.Dataset`, or a DataError naming the file."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    import datasets
+
+    try:
+        if path.suffix == ".parquet":
+            return datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
+        return datasets.Dataset.from_file(str(path), in_memory=True)
+    except Exception as e:  # pyarrow and datasets raise many types for a bad file
+        raise DataError(f"{path}: cannot read as {path.suffix[1:]}: {e}") from e
+
+
+def _rows(table: Any, name: str) -> Iterator[tuple[Where, dict[str, Any]]]:
+    for index, record in enumerate(table):
+        yield Where(name, index), _drop_nulls(record)
+
+
+def _drop_nulls(value: Any) -> Any:
+    """A columnar table fills the fields that some rows (or nested objects) lack with null:
+    drop them, so such a row reads like the json record it came from."""
+    if isinstance(value, dict):
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_nulls(v) for v in value]
+    return value
 
 
 def _is_jsonl(path: Path, text: str) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mend_jax.data._io import read_records
+from mend_jax.data._io import is_dataset, read_records
 from mend_jax.data.counterfact import load_counterfact
 from mend_jax.data.request import DataError, EditRequest
 from mend_jax.data.zsre import load_zsre_easyedit, load_zsre_mend
@@ -21,14 +21,21 @@ def load_requests(
 ) -> list[EditRequest]:
     """Load edit requests from `path` in format `fmt` (one of FORMATS; None: sniff it).
 
+    `path` is a .json / .jsonl / .parquet / .arrow file, a benchmark directory, or a
+    `datasets.Dataset` whose rows are records of one of the formats.
+
     "geonames" takes the directory written by `write_benchmark` and reads its
     `{split}.counterfact.json`; a directory path implies "geonames". Otherwise the format is
     sniffed from the first record's fields (`input`+`alternatives`: zsre_mend; `src`+`alt`:
     zsre; `requested_rewrite`: counterfact). `loc_path` is the NQ locality file of zsre_mend.
     """
-    path = Path(path)
-    if fmt is None:
-        fmt = "geonames" if path.is_dir() else sniff_format(path)
+    if is_dataset(path):
+        if fmt in (None, "geonames"):
+            fmt = sniff_format(path)
+    else:
+        path = Path(path)
+        if fmt is None:
+            fmt = "geonames" if path.is_dir() else sniff_format(path)
     if fmt == "zsre_mend":
         return load_zsre_mend(path, loc_path)
     if fmt == "zsre":
@@ -41,7 +48,7 @@ def load_requests(
     raise DataError(f"{path}: unknown format {fmt!r}; expected one of {FORMATS}")
 
 
-def sniff_format(path: str | Path) -> str:
+def sniff_format(path) -> str:
     """The format of a data file, from its first record's fields."""
     for where, record in read_records(path):
         if "requested_rewrite" in record:
