@@ -43,7 +43,8 @@ def main(argv=None) -> int:
         print(format_table(by_n[k]))
     out = Path(args.out) if args.out else Path(args.run_dir) / "eval_results.json"
     single = len(by_n) == 1
-    write_results(out, next(iter(by_n.values())) if single else {str(k): v for k, v in by_n.items()})
+    write_results(out, next(iter(by_n.values())) if single
+                  else {str(k): v for k, v in by_n.items()})
     print(f"results written to {out}")
     if args.plot:
         png = plot_vs_n_edits(by_n, out.with_suffix(".png"))

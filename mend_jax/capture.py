@@ -3,7 +3,8 @@
 For every edited dense layer h = W u, the fine-tuning gradient is ∇_W L = Σ_t u_t δ_tᵀ (our kernels
 are [d_in, d_out]), with u_t the layer input and δ_t = ∂L/∂h_t. We get both from ONE forward and
 backward pass without hooks: a Flax method interceptor makes the chosen `Linear` modules `sow` their
-inputs and `perturb` their outputs with a zero variable; the gradient w.r.t. that zero variable is δ.
+inputs and `perturb` their outputs with a zero variable; the gradient w.r.t. that zero
+variable is δ.
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ def capture(
     masked; label-masked prompt tokens of decoder-only models keep their (genuinely non-zero) δ,
     so Σ_t u_t δ_tᵀ is exactly the weight gradient.
     """
-    loss_fn = loss_fn or (lambda logits, b: masked_nll(logits, b["labels"], shift=not model.seq2seq))
+    loss_fn = loss_fn or (
+        lambda logits, b: masked_nll(logits, b["labels"], shift=not model.seq2seq))
     by_module = {model.names.module_path(n): n for n in inner_params}
     intercept = _interceptor(frozenset(by_module))
     inputs = model_inputs(batch)

@@ -4,7 +4,8 @@ Layout under a run folder:
     checkpoints/latest/<step>/   the most recent states (resume from here)
     checkpoints/best/<step>/     the editor state with the best validation edit loss
 A latest folder holds the train state (editor params, normalisation stats, optimiser state), a
-best folder only {"editor": ...}; both hold a JSON item with the loop's bookkeeping (best validation loss, patience counter, config).
+best folder only {"editor": ...}; both hold a JSON item with the loop's bookkeeping (best
+validation loss, patience counter, config).
 Orbax writes into a temporary folder and renames it when complete, so a process killed mid-save
 leaves the previous checkpoint intact; the half-written folder is cleaned up on the next start.
 """

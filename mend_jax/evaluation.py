@@ -28,7 +28,8 @@ from mend_jax.metrics import IGNORE, loc_mask, sequence_correct, token_log_probs
 
 METRIC_KEYS = (
     "edit_success", "generality", "drawdown", "locality_kl", "loc_acc_pre", "loc_acc_post",
-    "neighborhood_acc", "neighborhood_acc_pre", "pre_edit_success", "n_edits", "n_examples", "edit_time_s",
+    "neighborhood_acc", "neighborhood_acc_pre", "pre_edit_success", "n_edits", "n_examples",
+    "edit_time_s",
     "reliability", "generalization", "locality", "portability",
 )
 _MODEL_KEYS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask",

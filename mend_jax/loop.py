@@ -41,6 +41,9 @@ class LoopConfig:
     # better): "edit_loss" (NLL of the new targets after the edit) or "loss" (the whole
     # meta-objective c_edit·edit + c_loc·KL, as the reference's early-stop key).
     select_on: str = "edit_loss"
+    # Replace the edited requests' locality rows by their neighbourhood pairs (other subjects
+    # with the same true object), see `make_edit_batch`.
+    loc_neighbors: bool = False
 
     def __post_init__(self):
         if self.select_on not in ("edit_loss", "loss"):
@@ -48,12 +51,14 @@ class LoopConfig:
 
 
 def batch_at(requests: Sequence[EditRequest], tokenizer, *, seed: int, step: int,
-             batch_size: int, n_edits: int, seq2seq: bool, max_length: int) -> dict:
+             batch_size: int, n_edits: int, seq2seq: bool, max_length: int,
+             loc_neighbors: bool = False) -> dict:
     """The training batch of a given step: a pure function of (seed, step)."""
     rng = np.random.default_rng([seed, step])
     idx = rng.choice(len(requests), size=min(batch_size, len(requests)), replace=False)
     batch = make_edit_batch(tokenizer, [requests[i] for i in idx], seq2seq=seq2seq,
-                            max_length=max_length, rng=rng, n_edits=n_edits)
+                            max_length=max_length, rng=rng, n_edits=n_edits,
+                            loc_neighbors=loc_neighbors)
     return _to_device(batch)
 
 
@@ -112,7 +117,7 @@ def train_editor(trainer: MetaTrainer, model_params, train_requests, val_request
     for step in bar:
         batch = batch_at(train_requests, tokenizer, seed=seed, step=step,
                          batch_size=cfg.batch_size, n_edits=cfg.n_edits, seq2seq=seq2seq,
-                         max_length=max_length)
+                         max_length=max_length, loc_neighbors=cfg.loc_neighbors)
         state, metrics = step_fn(state, model_params, batch)
         book["step"] = step + 1
         if float(metrics["skipped"]):
@@ -136,7 +141,8 @@ def train_editor(trainer: MetaTrainer, model_params, train_requests, val_request
                 ckpt.save_best(step + 1, {"editor": state["editor"]}, book)
             else:
                 book["since_best"] += cfg.val_every
-            log.info("step %d val %s", step + 1, json.dumps({k: round(v, 4) for k, v in val.items()}))
+            log.info("step %d val %s", step + 1,
+                     json.dumps({k: round(v, 4) for k, v in val.items()}))
             if book["since_best"] >= cfg.early_stop_patience:
                 stopped_early = True
         if (step + 1) % cfg.save_every == 0 or done or stopped_early:

@@ -205,7 +205,8 @@ def train(cfg: dict, *, resume: bool = False) -> tuple[Path, dict]:
     results = evaluate_all(cfg, prep, mend, editor_state, progress=cfg.get("progress", True))
     out = {
         **results,
-        "_run": {"split": cfg["eval"]["split"], "info": prep.info, "best_step": summary["best_step"],
+        "_run": {"split": cfg["eval"]["split"], "info": prep.info,
+                 "best_step": summary["best_step"],
                  "steps": summary["step"], "n_skipped": summary["n_skipped"],
                  "prepare_time_s": t_prep, "train_time_s": summary["train_time_s"],
                  "eval_time_s": time.time() - t1},

@@ -551,6 +551,32 @@ def test_make_edit_batch_and_iterator(bench):
     )
 
 
+def test_make_edit_batch_loc_neighbors(bench):
+    """loc_neighbors: the edited requests' loc rows become one of their neighbourhood pairs."""
+    tok = build_word_tokenizer(benchmark_texts(bench))
+    reqs = [r for r in bench["train"] if r.neighborhood][:3] + \
+        [r for r in bench["train"] if not r.neighborhood][:1] + bench["train"][20:26]
+    k = 4
+    plain = make_edit_batch(tok, reqs, seq2seq=False, max_length=24,
+                            rng=np.random.default_rng(0), n_edits=k)
+    hard = make_edit_batch(tok, reqs, seq2seq=False, max_length=24,
+                           rng=np.random.default_rng(0), n_edits=k, loc_neighbors=True)
+
+    def row(b, i):
+        ids = b["loc"]["input_ids"][i][b["loc"]["attention_mask"][i] == 1]
+        return tok.decode(ids.tolist())
+
+    for i, r in enumerate(reqs):
+        if i < 3:  # edited, with neighbours: a neighbour's prompt and the shared true object
+            assert row(hard, i) in {normalize_words(f"{p} {t}") for p, t in r.neighborhood}
+            assert r.neighborhood[0][1] == r.target_true
+        else:  # edited without neighbours, or not edited: the plain loc pair
+            own = normalize_words(f"{r.loc_prompt} {r.loc_target}")
+            assert row(hard, i) == row(plain, i) == own
+    for key in ("edit_inner", "edit_outer"):
+        np.testing.assert_array_equal(plain[key]["input_ids"], hard[key]["input_ids"])
+
+
 def test_edit_request_is_frozen():
     r = EditRequest("p", "n", None, (), "l", "m")
     with pytest.raises(dataclasses.FrozenInstanceError):

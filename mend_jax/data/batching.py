@@ -172,6 +172,7 @@ def make_edit_batch(
     n_edits: int | None = None,
     max_target_length: int | None = None,
     neighborhood: bool = True,
+    loc_neighbors: bool = False,
 ) -> dict[str, Batch]:
     """Build the edit_inner / edit_outer / loc (/ neighborhood) batches of one training step.
 
@@ -179,7 +180,10 @@ def make_edit_batch(
     edit_outer a random rephrase (chosen with `rng`; the prompt when there is none)→target_new,
     both [n_edits, L]. loc pairs every request's loc_prompt→loc_target, [B, L], as in the
     reference's batched editing. neighborhood pairs each edit's first neighborhood prompt with
-    its true target (falling back to the loc pair), [n_edits, L].
+    its true target (falling back to the loc pair), [n_edits, L]. With `loc_neighbors`, the
+    loc rows of the edited requests are one of their neighbourhood pairs instead (chosen with
+    `rng`; the loc pair when a request has none): locality is then also enforced on the
+    hardest cases, other subjects that share the edited fact's true object.
     """
     k = len(requests) if n_edits is None else n_edits
     if not 0 < k <= len(requests):
@@ -197,10 +201,13 @@ def make_edit_batch(
     batch = {
         "edit_inner": tokenize_pairs(tokenizer, [r.prompt for r in edits], new, **kw),
         "edit_outer": tokenize_pairs(tokenizer, outer, new, **kw),
-        "loc": tokenize_pairs(
-            tokenizer, [r.loc_prompt for r in requests], [r.loc_target for r in requests], **kw
-        ),
     }
+    loc = [(r.loc_prompt, r.loc_target) for r in requests]
+    if loc_neighbors:
+        for i, r in enumerate(edits):
+            if r.neighborhood:
+                loc[i] = r.neighborhood[rng.integers(len(r.neighborhood))]
+    batch["loc"] = tokenize_pairs(tokenizer, [p for p, _ in loc], [t for _, t in loc], **kw)
     if neighborhood:
         pairs = [
             r.neighborhood[0] if r.neighborhood else (r.loc_prompt, r.loc_target) for r in edits

@@ -101,7 +101,8 @@ def update_stats(stats: dict, u: jax.Array, d: jax.Array, mask: jax.Array) -> di
         delta = mean_b - stats[f"{key}_mean"]
         total = jnp.maximum(out["count"], 1.0)
         out[f"{key}_mean"] = stats[f"{key}_mean"] + delta * n_b / total
-        out[f"{key}_m2"] = stats[f"{key}_m2"] + m2_b + jnp.square(delta) * stats["count"] * n_b / total
+        out[f"{key}_m2"] = (stats[f"{key}_m2"] + m2_b
+                            + jnp.square(delta) * stats["count"] * n_b / total)
     return out
 
 
@@ -228,7 +229,8 @@ class MEND:
 
     def apply_captured(self, params: dict, stats: dict, model_params: dict,
                        captured: Mapping[str, Captured]) -> dict:
-        """W' = W − α_ℓ Σ_t δ̃_t ũ_tᵀ for every edited weight; other leaves are shared, not copied."""
+        """W' = W − α_ℓ Σ_t δ̃_t ũ_tᵀ for every edited weight; other leaves are shared, not
+        copied."""
         new = model_params
         for name in self.layout.inner_params:
             path = self.model.names.path(name)

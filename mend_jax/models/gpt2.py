@@ -144,7 +144,8 @@ def param_names(c: GPT2Config) -> list[ParamName]:
         for ln in ("ln_1", "ln_2"):
             names.append(ParamName(f"{hf}.{ln}.weight", p + (ln, "scale")))
             names.append(ParamName(f"{hf}.{ln}.bias", p + (ln, "bias")))
-        for sub, lin in (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj")):
+        for sub, lin in (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"),
+                         ("mlp", "c_proj")):
             names.append(ParamName(f"{hf}.{sub}.{lin}.weight", p + (sub, lin, "kernel"), "conv1d"))
             names.append(ParamName(f"{hf}.{sub}.{lin}.bias", p + (sub, lin, "bias")))
     return names

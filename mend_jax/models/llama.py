@@ -257,7 +257,8 @@ def param_names(c: LlamaConfig) -> list[ParamName]:
 
 
 def default_inner_params(c: LlamaConfig) -> list[str]:
-    """The reference's decoder choice, MLP in/out matrices of the last 3 layers (SwiGLU: up, down)."""
+    """The reference's decoder choice, MLP in/out matrices of the last 3 layers (SwiGLU: up,
+    down)."""
     return last_blocks("model.layers.{i}.mlp.{lin}", c.num_hidden_layers, ("up_proj", "down_proj"))
 
 

@@ -328,7 +328,8 @@ def default_inner_params(c: T5Config) -> list[str]:
     out = []
     for stack, n, ff in (("encoder", c.num_layers, 1), ("decoder", c.num_decoder_layers, 2)):
         for i in range(max(0, n - 2), n):
-            out += [f"{stack}.block.{i}.layer.{ff}.DenseReluDense.{lin}.weight" for lin in (wi, "wo")]
+            out += [f"{stack}.block.{i}.layer.{ff}.DenseReluDense.{lin}.weight"
+                    for lin in (wi, "wo")]
     return out
 
 
