@@ -40,11 +40,10 @@ def run_bench(script: str, *flags: str) -> str:
     return proc.stdout
 
 
-@pytest.mark.slow  # four subprocesses, three jit compilations: about a minute
+@pytest.mark.slow  # three subprocesses, two jit compilations: about 40 s
 def test_bench_meta_step_runs():
-    out = run_bench("bench_meta_step.py", "--model", "gpt2", "--workers",
-                    "jax-mend,torch-mend,jax-ft-inner")
-    assert "mend-jax" in out and "pytorch" in out and "fine-tune inner weights" in out
+    out = run_bench("bench_meta_step.py", "--model", "gpt2", "--workers", "jax-mend,torch-mend")
+    assert "mend-jax" in out and "pytorch" in out and "MEND meta-step" in out
 
 
 def test_bench_edit_latency_runs():
@@ -54,7 +53,7 @@ def test_bench_edit_latency_runs():
 
 @pytest.mark.slow  # one subprocess and compilation per device count
 def test_bench_scaling_runs():
-    out = run_bench("bench_scaling.py", "--devices", "1,2")
+    out = run_bench("bench_scaling.py", "--devices", "2")  # 1..8 devices: tests/test_sharding.py
     assert "SIMULATED" in out
 
 

@@ -1,5 +1,7 @@
 """Meta-training learns: held-out edit success rises well above the untrained editor's."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,6 +38,15 @@ def synthetic_batch(rng, model_logits, params, n, n_loc=None):
             "loc": lm_batch(loc_p, pred)}
 
 
+@functools.cache
+def tiny_model_and_batch(n: int):
+    """A 1-layer GPT-2 (d=16) and a synthetic batch of n edits (built once per n: immutable)."""
+    cfg = transformers.GPT2Config(vocab_size=V, n_positions=8, n_embd=16, n_layer=1, n_head=2)
+    model = from_config(cfg, seed=0)
+    logits = jax.jit(lambda p, ids: model.logits(p, ids))
+    return model, synthetic_batch(np.random.default_rng(0), logits, model.params, n)
+
+
 def test_meta_training_raises_held_out_edit_success():
     cfg = transformers.GPT2Config(vocab_size=V, n_positions=8, n_embd=32, n_layer=2, n_head=2,
                                   initializer_range=0.2)
@@ -64,11 +75,8 @@ def test_meta_training_raises_held_out_edit_success():
 
 
 def test_non_finite_step_is_skipped_and_counted():
-    cfg = transformers.GPT2Config(vocab_size=V, n_positions=8, n_embd=16, n_layer=1, n_head=2)
-    model = from_config(cfg, seed=0)
+    model, batch = tiny_model_and_batch(4)
     trainer = MetaTrainer(MEND(model, config=MENDConfig(rank=8)), TrainConfig(accumulate=1))
-    logits = jax.jit(lambda p, ids: model.logits(p, ids))
-    batch = synthetic_batch(np.random.default_rng(0), logits, model.params, 4)
     state = trainer.init(jax.random.key(0))
     bad = jax.tree.map(lambda x: x, model.params)
     k = bad["transformer"]["h_0"]["mlp"]["c_fc"]["kernel"]
@@ -83,10 +91,7 @@ def test_non_finite_step_is_skipped_and_counted():
 def test_bfloat16_base_model_and_remat_blocks():
     """Memory levers: bf16 base weights with an f32 editor; rematerialised blocks give the same
     step as plain ones."""
-    cfg = transformers.GPT2Config(vocab_size=V, n_positions=8, n_embd=16, n_layer=1, n_head=2)
-    model = from_config(cfg, seed=0)
-    logits = jax.jit(lambda p, ids: model.logits(p, ids))
-    batch = synthetic_batch(np.random.default_rng(0), logits, model.params, 2)
+    model, batch = tiny_model_and_batch(2)
     runs = {}
     for name, m in (("plain", model), ("remat", model.with_remat(True))):
         trainer = MetaTrainer(MEND(m, config=MENDConfig(rank=8)), TrainConfig(accumulate=1))
@@ -105,10 +110,7 @@ def test_bfloat16_base_model_and_remat_blocks():
 
 
 def test_gradient_accumulation_applies_the_mean_every_k_steps():
-    cfg = transformers.GPT2Config(vocab_size=V, n_positions=8, n_embd=16, n_layer=1, n_head=2)
-    model = from_config(cfg, seed=0)
-    logits = jax.jit(lambda p, ids: model.logits(p, ids))
-    batch = synthetic_batch(np.random.default_rng(0), logits, model.params, 2)
+    model, batch = tiny_model_and_batch(2)
     trainer = MetaTrainer(MEND(model, config=MENDConfig(rank=8)),
                           TrainConfig(lr=1e-2, lr_lr=1e-2, accumulate=2))
     step = jax.jit(trainer.step)
@@ -122,21 +124,19 @@ def test_gradient_accumulation_applies_the_mean_every_k_steps():
 
 
 def test_edit_on_both_averages_the_outer_and_inner_edit_loss():
-    cfg = transformers.GPT2Config(vocab_size=V, n_positions=8, n_embd=16, n_layer=1, n_head=2)
-    model = from_config(cfg, seed=0)
-    logits = jax.jit(lambda p, ids: model.logits(p, ids))
-    batch = synthetic_batch(np.random.default_rng(0), logits, model.params, 2)
+    model, batch = tiny_model_and_batch(2)
     editor = MEND(model, config=MENDConfig(rank=8))
     state = editor.init(jax.random.key(0))
     losses = {}
     for edit_on in ("outer", "both"):
         trainer = MetaTrainer(editor, TrainConfig(accumulate=1, edit_on=edit_on))
-        _, (m, _) = trainer.loss(state["params"], state["stats"], model.params, batch)
+        _, (m, _) = jax.jit(trainer.loss)(state["params"], state["stats"], model.params, batch)
         losses[edit_on] = float(m["edit_loss"])
     # "inner" alone: the outer batch replaced by the edit batch itself
     inner_only = dict(batch, edit_outer=batch["edit_inner"])
     trainer = MetaTrainer(editor, TrainConfig(accumulate=1))
-    _, (m, _) = trainer.loss(state["params"], state["stats"], model.params, inner_only)
+    _, (m, _) = jax.jit(trainer.loss)(state["params"], state["stats"], model.params,
+                                      inner_only)
     # every row has one target token, so the mean over both is the mean of the two means
     np.testing.assert_allclose(losses["both"], (losses["outer"] + float(m["edit_loss"])) / 2,
                                rtol=1e-5)
@@ -146,10 +146,7 @@ def test_edit_on_both_averages_the_outer_and_inner_edit_loss():
 
 
 def test_cosine_schedule_decays_the_editor_learning_rates_to_zero():
-    cfg = transformers.GPT2Config(vocab_size=V, n_positions=8, n_embd=16, n_layer=1, n_head=2)
-    model = from_config(cfg, seed=0)
-    logits = jax.jit(lambda p, ids: model.logits(p, ids))
-    batch = synthetic_batch(np.random.default_rng(0), logits, model.params, 2)
+    model, batch = tiny_model_and_batch(2)
     trainer = MetaTrainer(MEND(model, config=MENDConfig(rank=8)),
                           TrainConfig(lr=1e-2, lr_lr=1e-2, accumulate=1, lr_schedule="cosine",
                                       decay_steps=2))
