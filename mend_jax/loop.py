@@ -99,6 +99,13 @@ def train_editor(trainer: MetaTrainer, model_params, train_requests, val_request
         got = ckpt.restore_latest(state)
         if got is not None:
             state, book = got
+            # runs saved before `select_on` existed kept the best validation edit loss
+            book.setdefault("best_val", book.pop("best_val_edit_loss", None))
+            book.setdefault("select_on", "edit_loss")
+            if book["select_on"] != cfg.select_on:
+                raise ValueError(f"{run_dir}: this run selects its best checkpoint on "
+                                 f"{book['select_on']!r}; resume it with "
+                                 f"alg.loop.select_on={book['select_on']}")
             log.info("resumed from step %d", book["step"])
     elif ckpt.latest_step() is not None:
         raise FileExistsError(f"{run_dir}: holds checkpoints already; pass --resume to continue "
