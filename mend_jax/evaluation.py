@@ -34,7 +34,8 @@ METRIC_KEYS = (
 )
 _MODEL_KEYS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask",
                "labels")
-# Probe kinds that are only measured after the edit: (kind, the request's (prompt, target) pairs).
+# Probe kinds, several (prompt, target) pairs per request (rows weighted per request): measured
+# after the edit; neighbourhood also before it (`_group_fn`).
 _PROBES: dict[str, Callable[[EditRequest], Sequence[tuple[str, str]]]] = {
     "edit_outer": lambda r: [(p, r.target_new) for p in r.rephrases] or [(r.prompt, r.target_new)],
     "neighborhood": lambda r: r.neighborhood,
@@ -149,22 +150,19 @@ def _group_fn(model, editor, batch_size: int | None) -> Callable:
 
     def run(editor_state, model_params, group):
         new_params = editor.edit(editor_state, model_params, _edit_batch(editor, group))
-        paired_kinds = ("edit_inner", "loc")
+        # Rows measured before and after the edit; neighbours too, so the report separates
+        # what the edit broke from what the base model never got right.
+        paired_kinds = ("edit_inner", "loc") + (("neighborhood",) if "neighborhood" in group
+                                                else ())
         paired = _chunked(lambda r: _paired_stats(model, model_params, new_params, r),
                           _concat([group[k] for k in paired_kinds]), batch_size)
         out = dict(zip(paired_kinds, _split(
             paired, [group[k]["input_ids"].shape[0] for k in paired_kinds])))
-        probe_kinds = [k for k in _PROBES if k in group]
+        probe_kinds = [k for k in _PROBES if k in group and k not in paired_kinds]
         post = _chunked(lambda r: _post_stats(model, new_params, r),
                         _concat([group[k] for k in probe_kinds]), batch_size)
         out.update(zip(probe_kinds, _split(
             post, [group[k]["input_ids"].shape[0] for k in probe_kinds])))
-        if "neighborhood" in group:
-            # The base model on the neighbours, so that the report separates drawdown from
-            # neighbours the base model never got right.
-            pre = _chunked(lambda r: _post_stats(model, model_params, r), group["neighborhood"],
-                           batch_size)
-            out["neighborhood"] = dict(out["neighborhood"], correct_pre=pre["correct_post"])
         return out
 
     return jax.jit(run)
