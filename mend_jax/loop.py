@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from mend_jax.checkpoint import Checkpoints
 from mend_jax.data import EditRequest, make_edit_batch
+from mend_jax.metrics import IGNORE
 from mend_jax.training import MetaTrainer
 
 log = logging.getLogger(__name__)
@@ -30,8 +31,13 @@ VAL_SEED_OFFSET = 1_000_003
 @dataclass(frozen=True)
 class LoopConfig:
     max_steps: int = 500_000
-    batch_size: int = 10
-    n_edits: int = 1
+    batch_size: int = 10        # locality rows per step (each from another request)
+    n_edits: int = 1            # edits per step, or the largest k when `n_edits_dist` samples k
+    # "fixed": every step edits `n_edits` facts at once (the reference). "log_uniform": each step
+    # draws k from 1..n_edits, log-uniformly, so one editor serves every k; the edit rows are
+    # padded to the next power of two (rows without labels do not count), so there are only
+    # log2(n_edits) + 1 compiled shapes.
+    n_edits_dist: str = "fixed"
     val_every: int = 5000
     val_batches: int = 100
     early_stop_patience: int = 20_000
@@ -46,19 +52,43 @@ class LoopConfig:
     loc_neighbors: bool = False
 
     def __post_init__(self):
+        if self.n_edits_dist not in ("fixed", "log_uniform"):
+            raise ValueError(f"n_edits_dist must be 'fixed' or 'log_uniform', got "
+                             f"{self.n_edits_dist!r}")
         if self.select_on not in ("edit_loss", "loss"):
             raise ValueError(f"select_on must be 'edit_loss' or 'loss', got {self.select_on!r}")
 
 
+def sample_n_edits(rng: np.random.Generator, n_edits: int, dist: str) -> tuple[int, int]:
+    """(k edits of this step, rows they are padded to)."""
+    if dist == "fixed" or n_edits == 1:
+        return n_edits, n_edits
+    k = int(np.clip(np.round(np.exp(rng.uniform(0.0, np.log(n_edits + 0.5)))), 1, n_edits))
+    return k, min(1 << (k - 1).bit_length(), n_edits)
+
+
 def batch_at(requests: Sequence[EditRequest], tokenizer, *, seed: int, step: int,
              batch_size: int, n_edits: int, seq2seq: bool, max_length: int,
-             loc_neighbors: bool = False) -> dict:
-    """The training batch of a given step: a pure function of (seed, step)."""
+             loc_neighbors: bool = False, n_edits_dist: str = "fixed") -> dict:
+    """The training batch of a given step: a pure function of (seed, step).
+
+    The first k sampled requests are edited together; the locality rows are the loc pairs of
+    `batch_size` requests (those of the edited ones first, unrelated facts either way). With a
+    sampled k, the edit rows are padded to a power of two by requests whose labels are all
+    ignored: they add no loss, and their δ is exactly zero, so the editor skips their tokens.
+    """
     rng = np.random.default_rng([seed, step])
-    idx = rng.choice(len(requests), size=min(batch_size, len(requests)), replace=False)
-    batch = make_edit_batch(tokenizer, [requests[i] for i in idx], seq2seq=seq2seq,
-                            max_length=max_length, rng=rng, n_edits=n_edits,
-                            loc_neighbors=loc_neighbors)
+    k, rows = sample_n_edits(rng, n_edits, n_edits_dist)
+    n = min(max(batch_size, rows), len(requests))
+    if rows > n:
+        raise ValueError(f"n_edits={n_edits} but only {len(requests)} training requests")
+    idx = rng.choice(len(requests), size=n, replace=False)
+    chosen = [requests[i] for i in idx]
+    batch = make_edit_batch(tokenizer, chosen, seq2seq=seq2seq, max_length=max_length, rng=rng,
+                            n_edits=rows, loc_neighbors=loc_neighbors)
+    batch["loc"] = {key: v[:batch_size] for key, v in batch["loc"].items()}
+    for part in ("edit_inner", "edit_outer"):
+        batch[part]["labels"][k:] = IGNORE
     return _to_device(batch)
 
 
@@ -80,7 +110,8 @@ def validate(trainer: MetaTrainer, eval_step, editor_state, model_params, reques
     for i in range(cfg.val_batches):
         batch = batch_at(requests, tokenizer, seed=seed + VAL_SEED_OFFSET, step=i,
                          batch_size=cfg.batch_size, n_edits=cfg.n_edits,
-                         seq2seq=trainer.model.seq2seq, max_length=max_length)
+                         seq2seq=trainer.model.seq2seq, max_length=max_length,
+                         n_edits_dist=cfg.n_edits_dist)
         metrics.append(eval_step(editor_state, model_params, batch))
     return _mean(metrics)
 
@@ -124,7 +155,8 @@ def train_editor(trainer: MetaTrainer, model_params, train_requests, val_request
     for step in bar:
         batch = batch_at(train_requests, tokenizer, seed=seed, step=step,
                          batch_size=cfg.batch_size, n_edits=cfg.n_edits, seq2seq=seq2seq,
-                         max_length=max_length, loc_neighbors=cfg.loc_neighbors)
+                         max_length=max_length, loc_neighbors=cfg.loc_neighbors,
+                         n_edits_dist=cfg.n_edits_dist)
         state, metrics = step_fn(state, model_params, batch)
         book["step"] = step + 1
         if float(metrics["skipped"]):

@@ -16,7 +16,7 @@ import optax
 
 from mend_jax.capture import model_inputs
 from mend_jax.editors.mend import MEND
-from mend_jax.metrics import loc_mask, locality_kl, masked_nll, sequence_correct
+from mend_jax.metrics import IGNORE, loc_mask, locality_kl, masked_nll, sequence_correct
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,11 @@ class TrainConfig:
     """Meta-training hyperparameters; defaults are the reference's MEND config."""
 
     lr: float = 1e-6            # Adam on the editor networks
-    lr_lr: float = 1e-4         # Adam on the per-layer step sizes
+    # Adam on the per-layer step sizes. None (the reference's behaviour): the step sizes are
+    # trained by the editor's optimizer at `lr` (the reference builds a separate lr_lr optimizer,
+    # but the main optimizer's zero_grad() clears their gradient before it steps, so it never
+    # moves them). A number gives them their own Adam at that learning rate (a deviation).
+    lr_lr: float | None = None
     c_edit: float = 0.1
     c_loc: float = 1.0
     grad_clip: float = 100.0
@@ -52,6 +56,12 @@ class TrainConfig:
         return lr
 
 
+def _row_mean(values, labels):
+    """Mean over rows that have a label (batched training pads its edit rows with none)."""
+    rows = jnp.any(labels != IGNORE, -1).astype(jnp.float32)
+    return (values * rows).sum() / jnp.maximum(rows.sum(), 1.0)
+
+
 def _labels(tree):
     return {"nets": jax.tree.map(lambda _: "nets", tree["nets"]),
             "edit_lrs": jax.tree.map(lambda _: "edit_lrs", tree["edit_lrs"])}
@@ -65,12 +75,11 @@ class MetaTrainer:
         self.model = editor.model
         self.config = config or TrainConfig()
         c = self.config
-        inner = optax.chain(
-            optax.clip_by_global_norm(c.grad_clip),
-            optax.multi_transform({"nets": optax.adam(c.schedule(c.lr)),
-                                   "edit_lrs": optax.adam(c.schedule(c.lr_lr))},
-                                  _labels),
-        )
+        adam = (optax.adam(c.schedule(c.lr)) if c.lr_lr is None
+                else optax.multi_transform({"nets": optax.adam(c.schedule(c.lr)),
+                                            "edit_lrs": optax.adam(c.schedule(c.lr_lr))},
+                                           _labels))
+        inner = optax.chain(optax.clip_by_global_norm(c.grad_clip), adam)
         # MultiSteps keeps a gradient-sized accumulator: only pay for it when accumulating.
         self.optimizer = (inner if c.accumulate == 1
                           else optax.MultiSteps(inner, every_k_schedule=c.accumulate))
@@ -112,7 +121,9 @@ class MetaTrainer:
             "edit_loss": edit_loss,
             "pre_edit_loss": pre_loss,
             "locality_kl": loc_kl,
-            "edit_acc": sequence_correct(post_outer, outer["labels"], shift).mean(),
+            "edit_acc": _row_mean(sequence_correct(post_outer, outer["labels"], shift),
+                                  outer["labels"]),
+            "n_edits": jnp.sum(jnp.any(outer["labels"] != IGNORE, -1)).astype(jnp.float32),
             "loc_acc_pre": sequence_correct(base_loc, loc["labels"], shift).mean(),
             "loc_acc_post": sequence_correct(post_loc, loc["labels"], shift).mean(),
             "edit_lr_mean": jnp.mean(jnp.stack(list(editor_params["edit_lrs"].values()))),

@@ -76,8 +76,10 @@ def test_norm_stats_update_only_when_training(model):
     _, stats_eval, _ = editor.edit_with_stats(state, model.params, batch, train=False)
     _, stats_train, _ = editor.edit_with_stats(state, model.params, batch, train=True)
     assert float(stats_eval["24x96"]["count"]) == 0
-    # 3 layers share the group, each sees the 20 real tokens
-    assert float(stats_train["24x96"]["count"]) == 60
+    # 3 layers share the group; a token counts when its δ is non-zero: every position before
+    # the row's last loss position in blocks 0-1 (6 + 3 + 8), only the loss positions in the
+    # last block (4 + 1 + 6), whose δ no later attention spreads
+    assert float(stats_train["24x96"]["count"]) == 2 * 17 + 11
 
 
 def test_welford_matches_numpy():

@@ -27,9 +27,10 @@ class MENDConfig:
     delta_only: bool = False      # transform δ only
     n_hidden: int = 1             # IDMLP has n_hidden + 1 low-rank residual layers
     rank: int = 1920              # r = min(rank, d)
-    init: str = "id"              # "id": U = 0 so the editor starts as the identity; "xavier"
+    init: str = "id"              # "id": U = 0, V ~ N(0, 1): the editor starts as the identity;
+                                  # "xavier": U xavier-uniform with ReLU gain √2, V gain 1
     act: str = "relu"
-    final_act: bool = True        # the reference applies the activation in the last layer too
+    final_act: bool = False       # the reference's last layer has no activation
     shared: bool = True           # one editor per weight shape, told apart by mode scale/shift
     norm: bool = True             # online standardisation of u and δ
     edit_lr: float = 1e-4         # initial per-layer step size α
@@ -56,20 +57,33 @@ _ACTS = {"relu": _clamp_relu, "gelu": jax.nn.gelu, "silu": jax.nn.silu, "tanh": 
 
 
 # ----------------------------------------------------------------------------- IDMLP
-def init_idmlp(key, dim: int, cfg: MENDConfig, n_modes: int) -> dict:
-    """n_hidden+1 layers y = x + act(scale_m * (U V x + b) + shift_m)."""
+def _xavier(gain: float):
+    # torch's xavier_uniform_(gain): U(±gain·√(6 / (fan_in + fan_out)))
+    return jax.nn.initializers.variance_scaling(gain**2, "fan_avg", "uniform")
+
+
+def init_idmlp(key, dim: int, cfg: MENDConfig, n_modes: int | None) -> dict:
+    """n_hidden+1 layers y = x + act(scale_m * (U V x + b) + shift_m).
+
+    As the reference's LRLinear: with init "id", U = 0 and V ~ N(0, 1) (so the first gradient
+    step already moves U); with "xavier", U has the ReLU gain √2 and V gain 1. Mode scale/shift
+    exist only when one editor is shared by several weights (`n_modes` not None).
+    """
     rank = min(cfg.rank, dim)
     layers = []
     for k in jax.random.split(key, cfg.n_hidden + 1):
         kv, ku = jax.random.split(k)
-        v = jax.nn.initializers.xavier_uniform()(kv, (rank, dim), jnp.float32)
-        u = (jnp.zeros((dim, rank), jnp.float32) if cfg.init == "id"
-             else jax.nn.initializers.xavier_uniform()(ku, (dim, rank), jnp.float32))
-        layers.append({
-            "U": u, "V": v, "b": jnp.zeros((dim,), jnp.float32),
-            "mode_scale": jnp.ones((n_modes, dim), jnp.float32),
-            "mode_shift": jnp.zeros((n_modes, dim), jnp.float32),
-        })
+        if cfg.init == "id":
+            v = jax.random.normal(kv, (rank, dim), jnp.float32)
+            u = jnp.zeros((dim, rank), jnp.float32)
+        else:
+            v = _xavier(1.0)(kv, (rank, dim), jnp.float32)
+            u = _xavier(2.0**0.5)(ku, (dim, rank), jnp.float32)
+        layer = {"U": u, "V": v, "b": jnp.zeros((dim,), jnp.float32)}
+        if n_modes is not None:
+            layer["mode_scale"] = jnp.ones((n_modes, dim), jnp.float32)
+            layer["mode_shift"] = jnp.zeros((n_modes, dim), jnp.float32)
+        layers.append(layer)
     return {"layers": layers}
 
 
@@ -78,7 +92,8 @@ def apply_idmlp(net: dict, x: jax.Array, mode: int, cfg: MENDConfig) -> jax.Arra
     n = len(net["layers"])
     for i, layer in enumerate(net["layers"]):
         pre = (x @ layer["V"].T) @ layer["U"].T + layer["b"]      # tokens dim
-        pre = pre * layer["mode_scale"][mode] + layer["mode_shift"][mode]
+        if "mode_scale" in layer:
+            pre = pre * layer["mode_scale"][mode] + layer["mode_shift"][mode]
         out = act(pre) if (i < n - 1 or cfg.final_act) else pre
         x = x + out if cfg.init == "id" else out
     return x
@@ -104,6 +119,17 @@ def update_stats(stats: dict, u: jax.Array, d: jax.Array, mask: jax.Array) -> di
         out[f"{key}_m2"] = (stats[f"{key}_m2"] + m2_b
                             + jnp.square(delta) * stats["count"] * n_b / total)
     return out
+
+
+def selected_tokens(cap: Captured) -> jax.Array:
+    """Tokens that count: real (unpadded) and with both u and δ non-zero.
+
+    The reference drops rows whose u or δ is all zero before the statistics and the editor
+    (e.g. GPT-2's last block has δ = 0 on every prompt token). Standardised, such a zero δ would
+    become −μ/σ and write a spurious u·(−μ/σ)ᵀ term into the update; a mask keeps shapes static.
+    """
+    nonzero = (jnp.any(cap.layer_inputs != 0, -1) & jnp.any(cap.output_grads != 0, -1))
+    return cap.token_mask * nonzero.astype(jnp.float32)
 
 
 def _standardise(x, mean, m2, count, eps):
@@ -161,7 +187,7 @@ class MEND:
         sizes = dict(lay.group_sizes)
         for (group, (d_in, d_out)), k in zip(first.items(), jax.random.split(key, len(first))):
             ku, kd = jax.random.split(k)
-            n_modes = sizes[group]
+            n_modes = sizes[group] if cfg.shared else None
             if cfg.combine:
                 nets[group] = {"uv": init_idmlp(k, d_in + d_out, cfg, n_modes)}
             else:
@@ -196,13 +222,13 @@ class MEND:
 
     # -- the transform of captured vectors
     def transform(self, params: dict, stats: dict, name: str, cap: Captured):
-        """(ũ, δ̃) for one weight, in float32, padding tokens zeroed."""
+        """(ũ, δ̃) for one weight, in float32; tokens that do not count are zeroed."""
         cfg = self.config
         i = self.layout.inner_params.index(name)
         group, mode = self.layout.groups[i], self.layout.modes[i]
         u = cap.layer_inputs.astype(jnp.float32)
         d = cap.output_grads.astype(jnp.float32)
-        m = cap.token_mask
+        m = selected_tokens(cap)
         if cfg.norm:
             s = stats[group]
             u = _standardise(u, s["u_mean"], s["u_m2"], s["count"], cfg.norm_eps)
@@ -219,26 +245,46 @@ class MEND:
         return u * m[:, None], d * m[:, None]
 
     def updated_stats(self, stats: dict, captured: Mapping[str, Captured]) -> dict:
-        """Running statistics after seeing this edit's tokens (what training does)."""
+        """Running statistics after seeing this edit's counted tokens (what training does)."""
         stats = dict(stats)
-        for i, name in enumerate(self.layout.inner_params):
-            c, group = captured[name], self.layout.groups[i]
-            stats[group] = update_stats(stats[group], jax.lax.stop_gradient(c.layer_inputs),
-                                        jax.lax.stop_gradient(c.output_grads), c.token_mask)
+        for name in self.layout.inner_params:
+            stats = self._merge(stats, name, captured[name])
         return stats
+
+    def _merge(self, stats: dict, name: str, cap: Captured) -> dict:
+        group = self.layout.groups[self.layout.inner_params.index(name)]
+        return {**stats, group: update_stats(stats[group],
+                                             jax.lax.stop_gradient(cap.layer_inputs),
+                                             jax.lax.stop_gradient(cap.output_grads),
+                                             selected_tokens(cap))}
+
+    def pseudo_gradients(self, params: dict, stats: dict, captured: Mapping[str, Captured],
+                         train: bool = False) -> tuple[dict, dict]:
+        """({name: α_ℓ Σ_t δ̃_t ũ_tᵀ}, stats). With `train`, as the reference, each weight's
+        tokens are merged into its group's statistics right before that weight is normalised,
+        so in a shared group later weights see the statistics of earlier ones too."""
+        updates = {}
+        for name in self.layout.inner_params:
+            if train:
+                stats = self._merge(stats, name, captured[name])
+            u, d = self.transform(params, stats, name, captured[name])
+            updates[name] = params["edit_lrs"][name] * pseudo_gradient(u, d)
+        return updates, stats
+
+    def apply_updates(self, model_params: dict, updates: Mapping[str, jax.Array]) -> dict:
+        """W' = W − update for every edited weight; other leaves are shared, not copied."""
+        new = model_params
+        for name, update in updates.items():
+            path = self.model.names.path(name)
+            w = get_path(model_params, path)
+            new = set_path(new, path, (w.astype(jnp.float32) - update).astype(w.dtype))
+        return new
 
     def apply_captured(self, params: dict, stats: dict, model_params: dict,
                        captured: Mapping[str, Captured]) -> dict:
-        """W' = W − α_ℓ Σ_t δ̃_t ũ_tᵀ for every edited weight; other leaves are shared, not
-        copied."""
-        new = model_params
-        for name in self.layout.inner_params:
-            path = self.model.names.path(name)
-            w = get_path(model_params, path)
-            u, d = self.transform(params, stats, name, captured[name])
-            update = params["edit_lrs"][name] * pseudo_gradient(u, d)
-            new = set_path(new, path, (w.astype(jnp.float32) - update).astype(w.dtype))
-        return new
+        """W' = W − α_ℓ Σ_t δ̃_t ũ_tᵀ for every edited weight, with frozen statistics."""
+        return self.apply_updates(model_params,
+                                  self.pseudo_gradients(params, stats, captured)[0])
 
     def edit_with_stats(self, editor_state: dict, model_params: dict, edit_batch,
                         train: bool = False) -> tuple[dict, dict, jax.Array]:
@@ -247,11 +293,9 @@ class MEND:
         loss, captured, _ = capture(self.model, jax.lax.stop_gradient(model_params), edit_batch,
                                     self.layout.inner_params)
         captured = jax.lax.stop_gradient(captured)
-        stats = editor_state["stats"]
-        if train:
-            stats = self.updated_stats(stats, captured)
-        new = self.apply_captured(editor_state["params"], stats, model_params, captured)
-        return new, stats, loss
+        updates, stats = self.pseudo_gradients(editor_state["params"], editor_state["stats"],
+                                               captured, train=train)
+        return self.apply_updates(model_params, updates), stats, loss
 
     def edit(self, editor_state: dict, model_params: dict, edit_batch) -> dict:
         """Pure, jit-able edit: one request or k requests at once (their tokens are pooled)."""
