@@ -8,11 +8,16 @@ W' = W − α Σ_t δ̃_t ũ_tᵀ, and the edited model runs functionally (`torc
 where the reference uses `higher`) so c_edit·NLL(equivalent) + c_loc·KL(locality) is
 differentiable w.r.t. the editor; then gradient clipping and Adam.
 
-The math is mend_jax's (`mend_jax/editors/mend.py`, `mend_jax/training.py`): we subtract the
-update, statistics absorb all edited layers' tokens before any transform, padding is masked.
-One deliberate difference from the reference, to make the baseline no slower than it: only the
-edited weights require grad in the base model (the reference leaves every parameter requiring
-grad, so its capture backward also fills every weight's .grad).
+The editor follows the reference's code path (`algs/mend.py`, `nn.py`, `trainer.py` of
+eric-mitchell/mend), not mend-jax's: rows whose u or δ is all zero are dropped with dynamic
+shapes; in training, each weight's remaining rows enter its shape group's Welford counters one
+token at a time right before that weight is standardised; LRLinear layers with U = 0,
+V ~ N(0, 1), ReLU on all but the last layer; the step sizes live in the editor's optimizer (the
+separate lr_lr optimizer steps after zero_grad() and never moves them). The one mend-jax
+deviation kept here is the sign: we subtract the update (README, deviations). Another
+difference, to make the baseline no slower than the reference: only the edited weights require
+grad in the base model (the reference leaves every parameter requiring grad, so its capture
+backward also fills every weight's .grad).
 Only the reference's default editor is implemented (combine, init "id", relu, shared, norm).
 """
 
@@ -57,48 +62,112 @@ def locality_kl(base_logits, edited_logits, mask):
 
 
 # ----------------------------------------------------------------------------- the editor
-class LowRankLayer(nn.Module):
-    """y = x + relu(scale_m * (U V x + b) + shift_m); U = 0 at init, so the identity."""
+class LRLinear(nn.Module):
+    """The reference's low-rank residual layer: x + act(scale_m·(U V x + b) + shift_m), with
+    U = 0 and V ~ N(0, 1) at init (so the identity), ReLU as clamp(min=0) (which passes the
+    gradient at exactly 0), mode scale/shift as embeddings of the weight's index."""
 
-    def __init__(self, dim: int, rank: int, n_modes: int):
+    def __init__(self, dim: int, rank: int, n_modes: int | None, relu: bool):
         super().__init__()
-        self.V = nn.Parameter(nn.init.xavier_uniform_(torch.empty(rank, dim)))
-        self.U = nn.Parameter(torch.zeros(dim, rank))
-        self.b = nn.Parameter(torch.zeros(dim))
-        self.mode_scale = nn.Parameter(torch.ones(n_modes, dim))
-        self.mode_shift = nn.Parameter(torch.zeros(n_modes, dim))
+        self.u = nn.Parameter(torch.zeros(dim, rank))
+        self.v = nn.Parameter(torch.randn(rank, dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.relu = relu
+        if n_modes is not None:
+            self.mode_scale = nn.Embedding(n_modes, dim)
+            self.mode_scale.weight.data.fill_(1.0)
+            self.mode_shift = nn.Embedding(n_modes, dim)
+            self.mode_shift.weight.data.zero_()
+        self.n_modes = n_modes
 
-    def forward(self, x, mode: int):
-        pre = (x @ self.V.T) @ self.U.T + self.b
-        pre = pre * self.mode_scale[mode] + self.mode_shift[mode]
-        return x + pre.clamp(min=0)  # clamp passes the gradient at 0, as the reference's relu
+    def forward(self, x, mode: int | None):
+        pre = (self.u @ (self.v @ x.T)).T + self.bias
+        if self.n_modes is not None:
+            m = torch.tensor(mode, device=x.device)
+            pre = pre * self.mode_scale(m) + self.mode_shift(m)
+        return x + (pre.clamp(min=0) if self.relu else pre)
 
 
 class IDMLP(nn.Module):
-    def __init__(self, dim: int, rank: int, n_modes: int, n_hidden: int):
-        super().__init__()
-        self.layers = nn.ModuleList(LowRankLayer(dim, rank, n_modes) for _ in range(n_hidden + 1))
+    """n_hidden + 1 LRLinear layers; the ReLU on every layer but the last (the reference's
+    `relu=idx < n_hidden`)."""
 
-    def forward(self, x, mode: int):
+    def __init__(self, dim: int, rank: int, n_modes: int | None, n_hidden: int):
+        super().__init__()
+        self.layers = nn.ModuleList(LRLinear(dim, rank, n_modes, relu=i < n_hidden)
+                                    for i in range(n_hidden + 1))
+
+    def forward(self, x, mode: int | None):
         for layer in self.layers:
             x = layer(x, mode)
         return x
 
 
+class GradientTransform(nn.Module):
+    """The reference's per-shape transform of (u, δ): rows whose u or δ is all zero are dropped
+    (dynamic shapes, as the reference), then, in training, the running statistics absorb the
+    remaining rows one token at a time (Welford) before they are standardised; then the IDMLP
+    on [u; δ]."""
+
+    def __init__(self, d_in: int, d_out: int, config, n_modes: int | None):
+        super().__init__()
+        self.config = config
+        self.mlp = IDMLP(d_in + d_out, min(config.rank, d_in + d_out), n_modes, config.n_hidden)
+        self.norm_init = False
+        for side, d in (("u", d_in), ("v", d_out)):
+            self.register_buffer(f"{side}_mean", torch.full((d,), float("nan")))
+            self.register_buffer(f"{side}_s", torch.full((d,), float("nan")))
+            self.register_buffer(f"{side}_std", torch.full((d,), float("nan")))
+        self.register_buffer("k", torch.full((1,), float("nan")))
+
+    @torch.no_grad()
+    def _absorb(self, u, v):
+        for i in range(u.shape[0]):
+            if not self.norm_init:
+                self.u_mean, self.v_mean = u[i].clone(), v[i].clone()
+                self.u_s.zero_()
+                self.v_s.zero_()
+                self.k[:] = 1
+                self.norm_init = True
+            else:
+                self.k += 1
+                for side, x in (("u", u[i]), ("v", v[i])):
+                    mean, s = getattr(self, f"{side}_mean"), getattr(self, f"{side}_s")
+                    new_mean = mean + (x - mean) / self.k
+                    setattr(self, f"{side}_s", s + (x - mean) * (x - new_mean))
+                    setattr(self, f"{side}_mean", new_mean)
+        if self.k < 2:
+            raise RuntimeError(f"can't normalise with only {int(self.k)} samples so far")
+        self.u_std = (self.u_s / (self.k - 1)) ** 0.5
+        self.v_std = (self.v_s / (self.k - 1)) ** 0.5
+
+    def forward(self, u, v, mode: int | None):
+        u, v = u.float(), v.float()
+        keep = (u != 0).any(-1) & (v != 0).any(-1)
+        u, v = u[keep], v[keep]
+        if self.training:
+            self._absorb(u, v)
+        eps = self.config.norm_eps
+        u_in = (u - self.u_mean) / (self.u_std + eps)
+        v_in = (v - self.v_mean) / (self.v_std + eps)
+        out = self.mlp(torch.cat([u_in, v_in], -1), mode)
+        return out[:, : u.shape[-1]], out[:, u.shape[-1]:]
+
+
 def _key(name: str) -> str:
-    return name.replace(".", "__")  # ParameterDict keys cannot hold dots
+    return name.replace(".", "#")  # module keys cannot hold dots (the reference's choice too)
 
 
 class Editor(nn.Module):
-    """Editor networks (one per weight shape), per-layer step sizes and running statistics."""
+    """One GradientTransform per weight shape (mode = the weight's index in its shape group),
+    per-layer step sizes."""
 
     def __init__(self, shapes: Mapping[str, tuple[int, int]], mend_config):
         super().__init__()
         c = mend_config
         if not (c.combine and c.shared and c.norm and c.init == "id" and c.act == "relu"
-                and c.final_act):
+                and not c.final_act):
             raise ValueError("torch_mend implements only the reference's default editor")
-        self.config = c
         self.groups, self.modes, counts = {}, {}, {}
         for name, (d_in, d_out) in shapes.items():
             g = f"{d_in}x{d_out}"
@@ -107,49 +176,15 @@ class Editor(nn.Module):
         first = {}
         for name, shape in shapes.items():
             first.setdefault(self.groups[name], shape)
-        self.nets = nn.ModuleDict({
-            g: IDMLP(d_in + d_out, min(c.rank, d_in + d_out), counts[g], c.n_hidden)
-            for g, (d_in, d_out) in first.items()})
-        self.edit_lrs = nn.ParameterDict(
-            {_key(n): nn.Parameter(torch.tensor(float(c.edit_lr))) for n in shapes})
-        for g, (d_in, d_out) in first.items():
-            self.register_buffer(f"{g}_count", torch.zeros(()))
-            for side, d in (("u", d_in), ("d", d_out)):
-                self.register_buffer(f"{g}_{side}_mean", torch.zeros(d))
-                self.register_buffer(f"{g}_{side}_m2", torch.zeros(d))
+        self.nets = nn.ModuleDict({g: GradientTransform(d_in, d_out, c, counts[g])
+                                   for g, (d_in, d_out) in first.items()})
+        self.edit_lrs = nn.Parameter(torch.tensor([float(c.edit_lr)] * len(shapes)))
+        self.index = {n: i for i, n in enumerate(shapes)}
 
-    @torch.no_grad()
-    def update_stats(self, name: str, u, d, mask):
-        """Chan et al.'s parallel Welford merge of this batch's real tokens."""
-        g = self.groups[name]
-        count = getattr(self, f"{g}_count")
-        n_b = mask.sum()
-        total = (count + n_b).clamp(min=1.0)
-        for side, x in (("u", u), ("d", d)):
-            mean, m2 = getattr(self, f"{g}_{side}_mean"), getattr(self, f"{g}_{side}_m2")
-            mean_b = (x * mask[:, None]).sum(0) / n_b.clamp(min=1.0)
-            m2_b = ((x - mean_b) ** 2 * mask[:, None]).sum(0)
-            delta = mean_b - mean
-            m2 += m2_b + delta ** 2 * count * n_b / total
-            mean += delta * n_b / total
-        count += n_b
-
-    def _standardise(self, x, g, side):
-        count = getattr(self, f"{g}_count")
-        mean, m2 = getattr(self, f"{g}_{side}_mean"), getattr(self, f"{g}_{side}_m2")
-        # torch.where, not `if count > 1`: a Python branch on a CUDA tensor would wait for the GPU
-        std = torch.where(count > 1, torch.sqrt(m2 / (count - 1).clamp(min=1.0)),
-                          torch.ones_like(m2))
-        return (x - mean) / (std + self.config.norm_eps)
-
-    def pseudo_gradient(self, name: str, u, d, mask):
+    def pseudo_gradient(self, name: str, u, d):
         """α Σ_t δ̃_t ũ_tᵀ in [d_in, d_out] layout (u: tokens×d_in, d: tokens×d_out)."""
-        g = self.groups[name]
-        u = self._standardise(u, g, "u")
-        d = self._standardise(d, g, "d")
-        out = self.nets[g](torch.cat([u, d], -1), self.modes[name])
-        u, d = out[:, : u.shape[-1]] * mask[:, None], out[:, u.shape[-1]:] * mask[:, None]
-        return self.edit_lrs[_key(name)] * (u.T @ d)
+        u, d = self.nets[self.groups[name]](u, d, self.modes[name])
+        return self.edit_lrs[self.index[name]] * torch.einsum("bi,bj->ij", u, d)
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -186,15 +221,12 @@ class TorchMEND:
                   for n in self.inner}
         self.editor = Editor(shapes, mend_config).to(named[self.inner[0]].device)
         c = train_config
-        self.optimizer = torch.optim.Adam([
-            {"params": list(self.editor.nets.parameters()), "lr": c.lr},
-            {"params": list(self.editor.edit_lrs.parameters()), "lr": c.lr_lr},
-        ])
-
-    def _token_mask(self, name, batch):
-        if self.seq2seq and not name.startswith("encoder."):
-            return batch["decoder_attention_mask"]
-        return batch["attention_mask"]
+        # As the reference's trainer: the editor optimizer holds the step sizes too, and a
+        # second optimizer over the step sizes (lr_lr) steps after the first one's zero_grad(),
+        # so it never moves them.
+        self.optimizer = torch.optim.Adam(self.editor.parameters(), lr=c.lr)
+        self.lr_optimizer = torch.optim.Adam([self.editor.edit_lrs],
+                                             lr=c.lr if c.lr_lr is None else c.lr_lr)
 
     def capture(self, batch):
         """One forward/backward on the edit batch with hooks: (loss, {name: (u, δ)})."""
@@ -223,18 +255,12 @@ class TorchMEND:
     def edit(self, batch, train: bool = False):
         """({name: W'} differentiable w.r.t. the editor, pre-edit loss)."""
         pre_loss, captured = self.capture(batch)
-        flat = {}
-        for name, (u, d) in captured.items():
-            mask = self._token_mask(name, batch).reshape(-1).float()
-            flat[name] = (u.reshape(-1, u.shape[-1]).float(), d.reshape(-1, d.shape[-1]).float(),
-                          mask)
-        if train:  # statistics absorb every edited layer's tokens before any transform
-            for name, (u, d, mask) in flat.items():
-                self.editor.update_stats(name, u, d, mask)
+        self.editor.train(train)
         params = dict(self.model.named_parameters())
         new = {}
-        for name, (u, d, mask) in flat.items():
-            update = self.editor.pseudo_gradient(name, u, d, mask)
+        for name, (u, d) in captured.items():  # in inner_params order, as the reference
+            u, d = u.reshape(-1, u.shape[-1]), d.reshape(-1, d.shape[-1])
+            update = self.editor.pseudo_gradient(name, u, d)
             w = params[name].detach()
             new[name] = w - (update.T if self.transposed[name] else update).to(w.dtype)
         return new, pre_loss
@@ -263,10 +289,12 @@ class TorchMEND:
     def step(self, batch) -> dict:
         """One meta-training step (no accumulation: every call is an Adam step)."""
         total, metrics = self.loss(batch, train=True)
-        self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(self.editor.parameters(), self.train_config.grad_clip)
         self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.lr_optimizer.step()
+        self.lr_optimizer.zero_grad()
         return dict(metrics, loss=total.detach())
 
 
@@ -276,15 +304,23 @@ def load_jax_editor(trainer: TorchMEND, editor_state: dict) -> None:
     import numpy as np
 
     ed = trainer.editor
+    t = lambda x: torch.from_numpy(np.array(x, np.float32))
     with torch.no_grad():
         for g, net in ed.nets.items():
-            for layer, src in zip(net.layers, editor_state["params"]["nets"][g]["uv"]["layers"]):
-                for k in ("U", "V", "b", "mode_scale", "mode_shift"):
-                    getattr(layer, k).copy_(torch.from_numpy(np.asarray(src[k])))
+            for layer, src in zip(net.mlp.layers, editor_state["params"]["nets"][g]["uv"]["layers"]):
+                layer.u.copy_(t(src["U"]))
+                layer.v.copy_(t(src["V"]))
+                layer.bias.copy_(t(src["b"]))
+                layer.mode_scale.weight.copy_(t(src["mode_scale"]))
+                layer.mode_shift.weight.copy_(t(src["mode_shift"]))
+            s = editor_state["stats"][g]
+            net.norm_init = float(s["count"]) > 0
+            if net.norm_init:
+                net.k[:] = float(s["count"])
+                for side, key in (("u", "u"), ("v", "d")):
+                    setattr(net, f"{side}_mean", t(s[f"{key}_mean"]))
+                    setattr(net, f"{side}_s", t(s[f"{key}_m2"]))
+                    if float(s["count"]) > 1:
+                        setattr(net, f"{side}_std", (t(s[f"{key}_m2"]) / (net.k - 1)) ** 0.5)
         for name in trainer.inner:
-            ed.edit_lrs[_key(name)].copy_(
-                torch.tensor(float(editor_state["params"]["edit_lrs"][name])))
-        for g, s in editor_state["stats"].items():
-            getattr(ed, f"{g}_count").copy_(torch.tensor(float(s["count"])))
-            for key in ("u_mean", "u_m2", "d_mean", "d_m2"):
-                getattr(ed, f"{g}_{key}").copy_(torch.from_numpy(np.asarray(s[key])))
+            ed.edit_lrs[ed.index[name]] = float(editor_state["params"]["edit_lrs"][name])

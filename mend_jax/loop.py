@@ -35,8 +35,8 @@ class LoopConfig:
     n_edits: int = 1            # edits per step, or the largest k when `n_edits_dist` samples k
     # "fixed": every step edits `n_edits` facts at once (the reference). "log_uniform": each step
     # draws k from 1..n_edits, log-uniformly, so one editor serves every k; the edit rows are
-    # padded to the next power of two (rows without labels do not count), so there are only
-    # log2(n_edits) + 1 compiled shapes.
+    # padded to the next power of four (rows without labels do not count), so there are only
+    # a few compiled shapes (1, 4, 16, 64, ... up to n_edits).
     n_edits_dist: str = "fixed"
     val_every: int = 5000
     val_batches: int = 100
@@ -64,7 +64,10 @@ def sample_n_edits(rng: np.random.Generator, n_edits: int, dist: str) -> tuple[i
     if dist == "fixed" or n_edits == 1:
         return n_edits, n_edits
     k = int(np.clip(np.round(np.exp(rng.uniform(0.0, np.log(n_edits + 0.5)))), 1, n_edits))
-    return k, min(1 << (k - 1).bit_length(), n_edits)
+    rows = 1
+    while rows < k:
+        rows *= 4
+    return k, min(rows, n_edits)
 
 
 def batch_at(requests: Sequence[EditRequest], tokenizer, *, seed: int, step: int,
@@ -74,7 +77,7 @@ def batch_at(requests: Sequence[EditRequest], tokenizer, *, seed: int, step: int
 
     The first k sampled requests are edited together; the locality rows are the loc pairs of
     `batch_size` requests (those of the edited ones first, unrelated facts either way). With a
-    sampled k, the edit rows are padded to a power of two by requests whose labels are all
+    sampled k, the edit rows are padded to a power of four by requests whose labels are all
     ignored: they add no loss, and their δ is exactly zero, so the editor skips their tokens.
     """
     rng = np.random.default_rng([seed, step])

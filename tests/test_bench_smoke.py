@@ -97,12 +97,14 @@ def test_torch_baseline_matches_mend_jax(kind):
     for k in ("edit_loss", "pre_edit_loss"):
         np.testing.assert_allclose(float(t_metrics[k]), float(metrics[k]), rtol=1e-4)
     for g, net in tm.editor.nets.items():
-        for layer, want in zip(net.layers, grads["nets"][g]["uv"]["layers"]):
-            for name in ("U", "V", "b", "mode_scale", "mode_shift"):
-                got, ref = getattr(layer, name).grad.numpy(), np.asarray(want[name])
-                np.testing.assert_allclose(got, ref, rtol=1e-3,
+        for layer, want in zip(net.mlp.layers, grads["nets"][g]["uv"]["layers"]):
+            for name, got in (("U", layer.u.grad), ("V", layer.v.grad), ("b", layer.bias.grad),
+                              ("mode_scale", layer.mode_scale.weight.grad),
+                              ("mode_shift", layer.mode_shift.weight.grad)):
+                ref = np.asarray(want[name])
+                np.testing.assert_allclose(got.numpy(), ref, rtol=1e-3,
                                            atol=1e-4 * np.abs(ref).max() + 1e-12,
                                            err_msg=f"{g} {name}")
     for n in editor.layout.inner_params:
-        np.testing.assert_allclose(float(tm.editor.edit_lrs[torch_mend._key(n)].grad),
+        np.testing.assert_allclose(float(tm.editor.edit_lrs.grad[tm.editor.index[n]]),
                                    float(grads["edit_lrs"][n]), rtol=1e-3)
