@@ -298,7 +298,8 @@ def evaluate_methods(
 
 # ----------------------------------------------------------------------------- reporting
 _COLUMNS = (("ES", "edit_success"), ("generality", "generality"), ("drawdown", "drawdown"),
-            ("KL", "locality_kl"), ("locality", "locality"), ("n", "n_examples"))
+            ("KL", "locality_kl"), ("locality", "locality"), ("neighbours", "neighborhood_acc"),
+            ("n", "n_examples"))
 
 
 def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
@@ -315,6 +316,13 @@ def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def format_by_n_edits(results_by_n: Mapping[int, Mapping[str, Mapping[str, Any]]]) -> str:
+    """One table of every method at every number of simultaneous edits k, side by side."""
+    return format_table({f"k={k:<4d} {method}": metrics
+                         for k in sorted(results_by_n)
+                         for method, metrics in results_by_n[k].items()})
+
+
 def plot_vs_n_edits(results_by_n: Mapping[int, Mapping[str, Mapping[str, Any]]],
                     path: str | Path) -> Path:
     """PNG of edit success / generality / drawdown against the number of simultaneous edits."""
@@ -324,10 +332,11 @@ def plot_vs_n_edits(results_by_n: Mapping[int, Mapping[str, Mapping[str, Any]]],
 
     ns = sorted(results_by_n)
     methods = list(dict.fromkeys(m for n in ns for m in results_by_n[n]))
-    fig = Figure(figsize=(12, 3.6))
+    fig = Figure(figsize=(20, 3.6))
     FigureCanvasAgg(fig)
     panels = (("edit_success", "edit success"), ("generality", "generality"),
-              ("drawdown", "drawdown"))
+              ("drawdown", "drawdown"), ("locality_kl", "locality KL"),
+              ("neighborhood_acc", "neighbourhood accuracy"))
     for i, (key, title) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
         for method in methods:

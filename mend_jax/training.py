@@ -63,8 +63,9 @@ def _row_mean(values, labels):
 
 
 def _labels(tree):
-    return {"nets": jax.tree.map(lambda _: "nets", tree["nets"]),
-            "edit_lrs": jax.tree.map(lambda _: "edit_lrs", tree["edit_lrs"])}
+    # The step sizes (and lstsq's λ) form the "edit_lrs" group, trained at lr_lr when it is set.
+    return {key: jax.tree.map(lambda _, key=key: "nets" if key == "nets" else "edit_lrs", sub)
+            for key, sub in tree.items()}
 
 
 class MetaTrainer:

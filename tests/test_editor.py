@@ -121,3 +121,79 @@ def test_unknown_inner_param_names_closest(model):
 def test_conflicting_options_rejected():
     with pytest.raises(ValueError, match="at most one"):
         MENDConfig(combine=True, x_only=True)
+
+
+@pytest.mark.parametrize("n_tokens", [5, 40])  # the dual (tokens < d_in) and primal forms
+def test_ridge_solve_equals_the_closed_form(n_tokens):
+    from mend_jax.editors.mend import ridge_solve
+
+    rng = np.random.default_rng(0)
+    k = rng.normal(size=(n_tokens, 12))
+    k[1] = 0.0  # an unselected token row drops out
+    v = rng.normal(size=(n_tokens, 7))
+    want = np.linalg.solve(k.T @ k + 0.7 * np.eye(12), k.T @ v)
+    got = ridge_solve(jnp.asarray(k, jnp.float32), jnp.asarray(v, jnp.float32), 0.7)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
+
+
+def test_ridge_solve_gradients_match_finite_differences():
+    from mend_jax.editors.mend import ridge_solve
+
+    jax.config.update("jax_enable_x64", True)
+    try:
+        rng = np.random.default_rng(1)
+        k, v = rng.normal(size=(6, 4)), rng.normal(size=(6, 3))
+        probe = rng.normal(size=(4, 3))
+
+        def f(k, v, log_lam):
+            return jnp.sum(ridge_solve(k, v, jnp.exp(log_lam)) * probe)
+
+        # float64 inside: ridge_solve casts to float32, so compare with a float32 tolerance
+        grads = jax.grad(f, argnums=(0, 1, 2))(k, v, 0.3)
+        eps = 1e-3
+        for arg, g in ((0, grads[0]), (1, grads[1])):
+            x = [k, v][arg]
+            idx = (2, 1)
+            xp, xm = x.copy(), x.copy()
+            xp[idx] += eps
+            xm[idx] -= eps
+            args_p = [k, v, 0.3]
+            args_m = [k, v, 0.3]
+            args_p[arg], args_m[arg] = xp, xm
+            fd = (f(*args_p) - f(*args_m)) / (2 * eps)
+            np.testing.assert_allclose(float(g[idx]), float(fd), rtol=2e-2, atol=1e-4)
+        fd = (f(k, v, 0.3 + eps) - f(k, v, 0.3 - eps)) / (2 * eps)
+        np.testing.assert_allclose(float(grads[2]), float(fd), rtol=2e-2, atol=1e-4)
+    finally:
+        jax.config.update("jax_enable_x64", False)
+
+
+def test_lstsq_editor_fits_the_edit_keys(model):
+    """With a tiny λ and norm off, the fresh lstsq editor's update maps each selected key u_t
+    to α·δ_t (least squares over more unknowns than tokens: an exact fit)."""
+    from mend_jax.capture import capture
+
+    name = "transformer.h.2.mlp.c_fc.weight"
+    editor = MEND(model, [name], MENDConfig(norm=False, aggregate="lstsq", edit_lr=1.0,
+                                            init_log_lambda=-12.0))
+    state = editor.init(jax.random.key(0))
+    assert set(state["params"]) == {"nets", "edit_lrs", "log_lambdas"}
+    batch = decoder_batch(61, [7, 4, 9])
+    new = jax.jit(editor.edit)(state, model.params, batch)
+    delta_w = get_path(model.params, model.names.path(name)) - get_path(new, model.names.path(name))
+    _, cap, _ = capture(model, model.params, batch, [name])
+    u, d = np.asarray(cap[name].layer_inputs), np.asarray(cap[name].output_grads)
+    sel = (np.abs(d).sum(-1) > 0) & (np.asarray(cap[name].token_mask) > 0)
+    np.testing.assert_allclose(u[sel] @ np.asarray(delta_w), d[sel], atol=1e-3 * np.abs(d).max())
+    # λ is meta-trained with the step sizes (lr_lr)
+    from mend_jax.training import MetaTrainer, TrainConfig
+
+    trainer = MetaTrainer(editor, TrainConfig(accumulate=1, lr=1e-3, lr_lr=0.1))
+    s0 = trainer.init(jax.random.key(0))
+    s1, m = jax.jit(trainer.step)(s0, model.params, {"edit_inner": batch, "edit_outer": batch,
+                                                      "loc": decoder_batch(61, [8, 8], seed=3)})
+    assert np.isfinite(float(m["loss"]))
+    moved = abs(float(s1["editor"]["params"]["log_lambdas"][name]) + 12.0)
+    assert 0.05 < moved <= 0.1 + 1e-6  # one Adam step of lr_lr (its ε damps a tiny gradient)
+    with pytest.raises(ValueError, match="aggregate"):
+        MENDConfig(aggregate="mean")

@@ -10,6 +10,7 @@ from mend_jax.evaluation import (
     METRIC_KEYS,
     evaluate_editor,
     evaluate_methods,
+    format_by_n_edits,
     format_table,
     plot_vs_n_edits,
 )
@@ -128,6 +129,10 @@ def test_batched_edits_use_whole_groups(setup, identity_results, tmp_path):
     assert "ES" in lines[0] and "drawdown" in lines[0] and "mend_lr0" in table
     results_by_n = {1: identity_results, 3: results}
     assert len({len(line) for line in lines}) == 1  # fixed width
+    by_n = format_by_n_edits(results_by_n).splitlines()
+    assert len(by_n) == 2 + len(identity_results) + len(results)
+    assert by_n[2].startswith("k=1 ") and by_n[-1].startswith("k=3    mend_lr0")
+    assert "neighbours" in by_n[0]
     path = plot_vs_n_edits(results_by_n, tmp_path / "plots" / "vs_n.png")
     assert path.is_file() and path.stat().st_size > 0
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

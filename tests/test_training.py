@@ -161,3 +161,50 @@ def test_cosine_schedule_decays_the_editor_learning_rates_to_zero():
     assert moved == [True, True, False]
     with pytest.raises(ValueError, match="decay_steps"):
         TrainConfig(lr_schedule="cosine")
+
+
+def test_padded_edit_rows_change_nothing():
+    """Batched meta-training pads the k edit rows to a bucket with label-free rows: the loss,
+    its gradient and the statistics equal those of the unpadded k-row batch."""
+    model, batch = tiny_model_and_batch(4)
+    k = 3
+    unpadded = {part: ({key: v[:k] for key, v in b.items()} if part != "loc" else b)
+                for part, b in batch.items()}
+    padded = {part: dict(b) for part, b in batch.items()}
+    for part in ("edit_inner", "edit_outer"):
+        padded[part]["labels"] = padded[part]["labels"].at[k:].set(-100)
+    editor = MEND(model, config=MENDConfig(rank=8))
+    state = editor.init(jax.random.key(0))
+    trainer = MetaTrainer(editor, TrainConfig(accumulate=1, edit_on="both"))
+    fn = jax.jit(jax.value_and_grad(trainer.loss, has_aux=True))
+    (l_pad, (m_pad, s_pad)), g_pad = fn(state["params"], state["stats"], model.params, padded)
+    (l_ref, (m_ref, s_ref)), g_ref = fn(state["params"], state["stats"], model.params, unpadded)
+    np.testing.assert_allclose(float(l_pad), float(l_ref), rtol=1e-5)
+    assert float(m_pad["n_edits"]) == k and float(m_pad["edit_acc"]) == float(m_ref["edit_acc"])
+    for a, b in zip(jax.tree.leaves((g_pad, s_pad)), jax.tree.leaves((g_ref, s_ref))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+
+
+def test_sampled_n_edits_batches():
+    from mend_jax.data import EditRequest, build_word_tokenizer
+    from mend_jax.loop import batch_at, sample_n_edits
+
+    ks = [sample_n_edits(np.random.default_rng([0, s]), 100, "log_uniform") for s in range(400)]
+    assert {rows for _, rows in ks} == {1, 4, 16, 64, 100}
+    assert all(k <= rows and (rows == 1 or k > rows // 4) for k, rows in ks)
+    assert min(k for k, _ in ks) == 1 and max(k for k, _ in ks) == 100
+    assert sample_n_edits(np.random.default_rng(0), 25, "fixed") == (25, 25)
+
+    reqs = [EditRequest(prompt=f"fact {i} is", target_new=f"new{i}", target_true=f"old{i}",
+                        rephrases=[f"f {i} is"],
+                        loc_prompt=f"other {i} is", loc_target=f"old{i}") for i in range(120)]
+    tok = build_word_tokenizer([f"{r.prompt} {r.target_new} {r.rephrases[0]} {r.loc_prompt} "
+                                f"{r.loc_target}" for r in reqs])
+    for step in range(40):
+        b = batch_at(reqs, tok, seed=0, step=step, batch_size=10, n_edits=100, seq2seq=False,
+                     max_length=8, n_edits_dist="log_uniform")
+        k, rows = sample_n_edits(np.random.default_rng([0, step]), 100, "log_uniform")
+        for part in ("edit_inner", "edit_outer"):
+            labelled = np.asarray((b[part]["labels"] != -100).any(-1))
+            assert labelled.shape == (rows,) and labelled.sum() == k and labelled[:k].all()
+        assert b["loc"]["input_ids"].shape[0] == 10

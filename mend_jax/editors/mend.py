@@ -35,6 +35,11 @@ class MENDConfig:
     norm: bool = True             # online standardisation of u and δ
     edit_lr: float = 1e-4         # initial per-layer step size α
     norm_eps: float = 1e-7
+    # How the k edits' per-token terms become one update: "sum" (MEND: Σ_t ũ_t δ̃_tᵀ) or
+    # "lstsq" (MALMEN: the ridge solution (KᵀK + e^λ I)⁻¹ KᵀD with K the stacked ũ, D the
+    # stacked δ̃, λ learned per weight), which stops the terms of many edits from interfering.
+    aggregate: str = "sum"
+    init_log_lambda: float = 0.0  # initial λ of `aggregate: lstsq` (log scale)
 
     def __post_init__(self):
         if sum([self.combine, self.one_sided, self.x_only, self.delta_only]) > 1:
@@ -43,6 +48,8 @@ class MENDConfig:
             raise ValueError(f"init must be 'id' or 'xavier', got {self.init!r}")
         if self.act not in _ACTS:
             raise ValueError(f"act must be one of {sorted(_ACTS)}, got {self.act!r}")
+        if self.aggregate not in ("sum", "lstsq"):
+            raise ValueError(f"aggregate must be 'sum' or 'lstsq', got {self.aggregate!r}")
 
 
 def _clamp_relu(x):
@@ -132,6 +139,22 @@ def selected_tokens(cap: Captured) -> jax.Array:
     return cap.token_mask * nonzero.astype(jnp.float32)
 
 
+def ridge_solve(keys: jax.Array, values: jax.Array, lam: jax.Array) -> jax.Array:
+    """argmin_X ‖K X − D‖² + λ‖X‖² = (KᵀK + λI)⁻¹ KᵀD, [d_in, d_out], differentiable.
+
+    Zero (unselected) token rows drop out of both forms. The primal system is d_in × d_in, the
+    dual Kᵀ(KKᵀ + λI)⁻¹D tokens × tokens; the smaller one is solved (shapes are static).
+    """
+    k = keys.astype(jnp.float32)
+    v = values.astype(jnp.float32)
+    n, d_in = k.shape
+    if d_in <= n:
+        gram = k.T @ k + lam * jnp.eye(d_in, dtype=jnp.float32)
+        return jax.scipy.linalg.solve(gram, k.T @ v, assume_a="pos")
+    gram = k @ k.T + lam * jnp.eye(n, dtype=jnp.float32)
+    return k.T @ jax.scipy.linalg.solve(gram, v, assume_a="pos")
+
+
 def _standardise(x, mean, m2, count, eps):
     std = jnp.where(count > 1, jnp.sqrt(m2 / jnp.maximum(count - 1, 1.0)), 1.0)
     return (x - mean) / (std + eps)
@@ -198,7 +221,11 @@ class MEND:
                     nets[group]["delta"] = init_idmlp(kd, d_out, cfg, n_modes)
             stats[group] = init_stats(d_in, d_out)
         edit_lrs = {n: jnp.asarray(cfg.edit_lr, jnp.float32) for n in lay.inner_params}
-        return {"params": {"nets": nets, "edit_lrs": edit_lrs}, "stats": stats}
+        params = {"nets": nets, "edit_lrs": edit_lrs}
+        if cfg.aggregate == "lstsq":
+            params["log_lambdas"] = {n: jnp.asarray(cfg.init_log_lambda, jnp.float32)
+                                     for n in lay.inner_params}
+        return {"params": params, "stats": stats}
 
     def _transforms_u(self, d_in, d_out) -> bool:
         c = self.config
@@ -268,7 +295,11 @@ class MEND:
             if train:
                 stats = self._merge(stats, name, captured[name])
             u, d = self.transform(params, stats, name, captured[name])
-            updates[name] = params["edit_lrs"][name] * pseudo_gradient(u, d)
+            if self.config.aggregate == "lstsq":
+                agg = ridge_solve(u, d, jnp.exp(params["log_lambdas"][name]))
+            else:
+                agg = pseudo_gradient(u, d)
+            updates[name] = params["edit_lrs"][name] * agg
         return updates, stats
 
     def apply_updates(self, model_params: dict, updates: Mapping[str, jax.Array]) -> dict:
