@@ -1,7 +1,7 @@
 """Meta-train a MEND editor, then evaluate it against the baselines on held-out edits.
 
-    mend-train                                   # offline default (geonames facts)
-    mend-train model=gpt2 data=zsre alg=mend     # a real model and dataset
+    mend-train                                  # offline default (geonames facts)
+    mend-train model=gpt2 data=zsre alg=mend    # a real model and dataset
     mend-train alg.loop.max_steps=500 out_dir=runs/x --resume
 """
 
@@ -26,7 +26,7 @@ def main(argv=None) -> int:
         return 2
     run_dir, results = train(cfg, resume=args.resume)
     print_table(results)
-    print(f"results written to {run_dir / 'results.json'}")
+    print(f"results written to {run_dir / 'results.json'}, the editor to {run_dir / 'editor'}")
     print(run_dir)
     return 0
 
