@@ -1,35 +1,8 @@
-"""Meta-train a MEND editor, then evaluate it against the baselines on held-out edits.
+"""`python train.py ...` in a checkout: the installed `mend-train` (mend_jax/cli/train.py)."""
 
-    python train.py                                   # offline default (geonames facts)
-    python train.py model=gpt2 data=zsre alg=mend     # a real model and dataset
-    python train.py alg.loop.max_steps=500 out_dir=runs/x --resume
-"""
-
-import argparse
-import logging
 import sys
 
-from mend_jax.config import ConfigError, load_config
-from mend_jax.pipeline import print_table, train
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("overrides", nargs="*", help="config overrides: group=name or a.b.c=value")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    run_dir, results = train(cfg, resume=args.resume)
-    print_table(results)
-    print(f"results written to {run_dir / 'results.json'}")
-    print(run_dir)
-    return 0
-
+from mend_jax.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,6 +1,8 @@
 """mend-jax: MEND model editing in JAX/Flax.
 
 Everything a user is meant to call:
+- text in, edited params out: `edit`, `evaluate_edit` (EasyEdit's metric names), `EditInputError`
+- editors as artifacts: `save_editor`, `load_editor`, `ArtifactError`
 - models: `load_pretrained`, `save_pretrained`, `from_config`, `generate`, `Model`
 - capture: `capture` (per-token layer inputs and output gradients of named weights)
 - editors: `MEND`, `MENDConfig`, `FineTune`, `FTConfig`, `make_editor`
@@ -10,6 +12,8 @@ Everything a user is meant to call:
 - scale: `mend_jax.sharding` (mesh and partition rules), `mend_jax.checkpoint`
 """
 
+from mend_jax.api import EditInputError, edit, evaluate_edit
+from mend_jax.artifacts import ArtifactError, load_editor, save_editor
 from mend_jax.capture import Captured, capture
 from mend_jax.editors import MEND, FineTune, FTConfig, MENDConfig, make_editor
 from mend_jax.evaluation import evaluate_editor, format_table
@@ -26,8 +30,10 @@ from mend_jax.training import MetaTrainer, TrainConfig
 
 __all__ = [
     "MEND",
+    "ArtifactError",
     "Captured",
     "CheckpointError",
+    "EditInputError",
     "FTConfig",
     "FineTune",
     "MENDConfig",
@@ -35,12 +41,16 @@ __all__ = [
     "Model",
     "TrainConfig",
     "capture",
+    "edit",
+    "evaluate_edit",
     "evaluate_editor",
     "format_table",
     "from_config",
     "generate",
+    "load_editor",
     "load_pretrained",
     "make_editor",
+    "save_editor",
     "save_pretrained",
     "supported_model_types",
 ]

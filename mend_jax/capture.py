@@ -30,7 +30,7 @@ class Captured:
 
     layer_inputs: Float[Array, "tokens d_in"]
     output_grads: Float[Array, "tokens d_out"]
-    token_mask: Float[Array, tokens]
+    token_mask: Float[Array, "tokens"]  # noqa: F821 (a jaxtyping dimension, not a name)
 
 
 jax.tree_util.register_dataclass(

@@ -1,21 +1,24 @@
 """Composable YAML configs with command-line `key=value` overrides (in the spirit of Hydra).
 
-`configs/config.yaml` names one file per group under `defaults` (model, data, alg); a `group=name`
-override picks `configs/<group>/<name>.yaml` instead, and dotted `a.b.c=value` overrides set any
-key (values parsed as YAML: numbers, booleans, lists). Unknown keys fail with the closest ones.
+`mend_jax/configs/config.yaml` (package data) names one file per group under `defaults` (model,
+data, alg); a `group=name` override picks `configs/<group>/<name>.yaml` instead, and dotted
+`a.b.c=value` overrides set any key (values parsed as YAML: numbers, booleans, lists). Unknown
+keys fail with the closest ones.
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
+import importlib.resources
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# Shipped inside the package, so an installed (non-editable) mend-jax finds them too.
+CONFIG_DIR = Path(str(importlib.resources.files("mend_jax") / "configs"))
 GROUPS = ("model", "data", "alg")
 
 

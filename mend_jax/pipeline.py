@@ -1,7 +1,9 @@
 """The whole job, as library functions the CLIs call: prepare, meta-train, evaluate.
 
 `prepare(cfg)` gives the base model, its tokenizer and the edit splits; `train(cfg)` meta-trains
-MEND and evaluates it against the baselines; `evaluate_run(run_dir)` re-evaluates a trained run.
+MEND, evaluates it against the baselines and writes the best editor as an artifact (`editor/`,
+with the base model it was built on in `base_model/` when the run built it); `load_run(run_dir)`
+reloads a trained run.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import yaml
 
+from mend_jax.artifacts import save_editor
 from mend_jax.checkpoint import load_best_editor
 from mend_jax.config import dump_config
 from mend_jax.data import (
@@ -30,7 +33,7 @@ from mend_jax.data import (
 from mend_jax.editors import MEND, MENDConfig, make_editor
 from mend_jax.evaluation import evaluate_editor, format_table
 from mend_jax.loop import LoopConfig, train_editor
-from mend_jax.models import Model, load_pretrained
+from mend_jax.models import Model, load_pretrained, save_pretrained
 from mend_jax.training import MetaTrainer, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -212,6 +215,12 @@ def train(cfg: dict, *, resume: bool = False) -> tuple[Path, dict]:
                  "eval_time_s": time.time() - t1},
     }
     write_results(run_dir / "results.json", out)
+    # What a user keeps: the best editor as an artifact, and a model built here next to it.
+    base = cfg["model"].get("name")
+    if base is None:
+        base = str(save_pretrained(prep.model, None, run_dir / "base_model"))
+    save_editor(run_dir / "editor", mend, editor_state, base_model=base,
+                max_length=cfg["model"]["max_length"])
     return run_dir, out
 
 

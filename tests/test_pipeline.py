@@ -98,6 +98,35 @@ def test_edit_cli_reports_and_exports(trained_run, capsys):
     transformers.AutoModelForCausalLM.from_pretrained(str(save))
 
 
+def test_editor_artifact_works_without_the_run(trained_run, capsys):
+    import edit as edit_cli
+    import eval as eval_cli
+
+    run_dir, _ = trained_run
+    editor, base = run_dir / "editor", run_dir / "base_model"
+    assert (editor / "editor.safetensors").exists() and (base / "tokenizer.json").exists()
+    # the same held-out file, through the run and through the artifact alone
+    data_file = run_dir / "data" / "test.counterfact.json"
+    by_run, by_artifact = run_dir / "eval_run.json", run_dir / "eval_artifact.json"
+    common = ["--data", str(data_file), "--methods", "mend", "--max-examples", "4"]
+    assert eval_cli.main([str(run_dir), *common, "--out", str(by_run)]) == 0
+    assert eval_cli.main(["--editor", str(editor), "--model", str(base), *common,
+                          "--out", str(by_artifact)]) == 0
+    got = json.loads(by_artifact.read_text())["mend"]
+    want = json.loads(by_run.read_text())["mend"]
+    for key in ("edit_success", "generality", "drawdown", "locality_kl", "locality"):
+        assert got[key] == pytest.approx(want[key], abs=1e-6), key
+
+    save = run_dir / "edited-from-artifact"
+    assert edit_cli.main(["--editor", str(editor), "--prompt", "The capital of France is",
+                          "--target", "Berlin", "--rephrase", "France's capital city is",
+                          "--neighbor", "The capital of Spain is", "--save", str(save)]) == 0
+    assert "[edit]" in capsys.readouterr().out
+    card = (save / "README.md").read_text()
+    assert "library_name: mend-jax" in card and "| The capital of France is | Berlin |" in card
+    assert str(base.resolve()) in card and "| reliability |" in card and "| locality |" in card
+
+
 def test_config_errors_name_the_key(tmp_path):
     from mend_jax.config import ConfigError, load_config
 

@@ -14,4 +14,7 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     before, after = map(float, re.findall(r"before/after: ([\d.e-]+) ([\d.e-]+)", out)[0])
     assert after > before
+    metrics = re.findall(r"\{'reliability': .*\}", out)
+    assert metrics and "'generalization'" in metrics[0] and "'locality'" in metrics[0]
+    assert (tmp_path / "editor" / "editor.json").exists()
     assert (tmp_path / "tiny-gpt2-edited" / "model.safetensors").exists()

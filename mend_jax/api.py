@@ -1,0 +1,196 @@
+"""Text in, edited parameters out: the user's side of an editor.
+
+`edit` tokenises k (prompt, target) strings and applies them in ONE `editor.edit` call;
+`evaluate_edit` measures an edit with EasyEdit's metric names (reliability, generalization,
+locality, portability), computed as `mend_jax.evaluation` computes them for a benchmark.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mend_jax.data.batching import tokenize_pairs
+from mend_jax.evaluation import _paired_stats, _post_stats
+from mend_jax.models import Model
+
+# One prompt's rephrasings: a string, a list of strings, or None (none for this prompt).
+Rephrases = Sequence[str | Sequence[str] | None]
+
+_MODEL_KEYS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask",
+               "labels")
+
+
+class EditInputError(ValueError):
+    """Prompts and targets that cannot be edited or measured as given."""
+
+
+def _tokenizer(model: Model, tokenizer):
+    tokenizer = tokenizer if tokenizer is not None else model.tokenizer
+    if tokenizer is None:
+        raise EditInputError("the model has no tokenizer (none next to its checkpoint); "
+                             "pass tokenizer=")
+    return tokenizer
+
+
+def _target_ids(tokenizer, target: str, seq2seq: bool) -> list[int]:
+    # The same text tokenize_pairs encodes: decoder-only targets follow the prompt after a space.
+    return tokenizer([target if seq2seq else " " + target], add_special_tokens=False)[
+        "input_ids"][0]
+
+
+def _check_pairs(tokenizer, prompts, targets, seq2seq: bool, what: str) -> None:
+    if isinstance(prompts, str) or isinstance(targets, str):
+        raise EditInputError(f"{what}: pass lists of strings, not a single string")
+    if len(prompts) != len(targets):
+        raise EditInputError(f"{what}: {len(prompts)} prompts but {len(targets)} targets")
+    if not prompts:
+        raise EditInputError(f"{what}: no prompts")
+    unk = getattr(tokenizer, "unk_token_id", None)
+    for i, (prompt, target) in enumerate(zip(prompts, targets)):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise EditInputError(f"{what}: prompt {i} is empty ({prompt!r})")
+        if not isinstance(target, str) or not target.strip():
+            raise EditInputError(f"{what}: target {i} is empty ({target!r})")
+        ids = _target_ids(tokenizer, target, seq2seq)
+        if not ids:
+            raise EditInputError(f"{what}: target {i} ({target!r}) encodes to no tokens")
+        if unk is not None and unk in ids:
+            raise EditInputError(f"{what}: target {i} ({target!r}) encodes to the tokenizer's "
+                                 f"unknown token {tokenizer.unk_token!r}; the model cannot "
+                                 "learn a word outside its vocabulary")
+
+
+def _rephrase_lists(rephrases: Rephrases | None, n: int) -> list[list[str]]:
+    if rephrases is None:
+        return [[] for _ in range(n)]
+    if isinstance(rephrases, str) or len(rephrases) != n:
+        got = "a string" if isinstance(rephrases, str) else f"{len(rephrases)} entries"
+        raise EditInputError(f"rephrases: expected one entry per prompt ({n}), got {got}")
+    return [[] if r is None else [r] if isinstance(r, str) else list(r) for r in rephrases]
+
+
+def _fit_lengths(tokenizer, prompts, targets, seq2seq: bool) -> tuple[int, int | None]:
+    """(max_length, max_target_length) that truncate none of the pairs."""
+    p = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]
+    t = [len(_target_ids(tokenizer, x, seq2seq)) for x in targets]
+    if seq2seq:
+        return max(p), max(t) + 1  # tokenize_pairs appends eos to seq2seq targets
+    return max(a + b for a, b in zip(p, t)), None
+
+
+def _batch(model: Model, tokenizer, prompts, targets, max_length: int | None, what: str) -> dict:
+    _check_pairs(tokenizer, prompts, targets, model.seq2seq, what)
+    target_length = None
+    if max_length is None:
+        max_length, target_length = _fit_lengths(tokenizer, prompts, targets, model.seq2seq)
+    batch = tokenize_pairs(tokenizer, list(prompts), list(targets), seq2seq=model.seq2seq,
+                           max_length=max_length, max_target_length=target_length)
+    return {k: jnp.asarray(v) for k, v in batch.items() if k in _MODEL_KEYS}
+
+
+def edit(
+    model: Model,
+    params: dict,
+    editor: Any,
+    editor_state: dict,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    *,
+    rephrases: Rephrases | None = None,
+    tokenizer: Any = None,
+    max_length: int | None = None,
+) -> dict:
+    """Edit `params` so that each prompt continues with its target: k edits in one call.
+
+    Args:
+      editor: a MEND editor (`editor.edit(state, params, batch)`), e.g. from `load_editor`.
+      prompts, targets: lists of strings, one target per prompt.
+      rephrases: optional, one entry per prompt (a string, a list of strings or None); their
+        (rephrase, target) rows join the edit, so the pseudo-gradient covers them too.
+      tokenizer: defaults to `model.tokenizer`.
+      max_length: token length of a (prompt, target) row; default: the longest pair.
+    Returns:
+      The edited parameters (a new pytree; only the edited weights are new arrays).
+    Raises:
+      EditInputError (a ValueError) for mismatched lengths, empty prompts or targets, or a
+      target that encodes to the tokenizer's unknown token.
+    """
+    tokenizer = _tokenizer(model, tokenizer)
+    extra = _rephrase_lists(rephrases, len(prompts))
+    rows_p = list(prompts) + [r for rs in extra for r in rs]
+    rows_t = list(targets) + [t for t, rs in zip(targets, extra) for _ in rs]
+    batch = _batch(model, tokenizer, rows_p, rows_t, max_length, "edit")
+    return jax.jit(editor.edit)(editor_state, params, batch)
+
+
+def _post_accuracy(model: Model, params, batch: dict) -> np.ndarray:
+    stats = jax.jit(lambda p, b: _post_stats(model, p, b))(params, batch)
+    return np.asarray(stats["correct_post"], np.float64)
+
+
+def evaluate_edit(
+    model: Model,
+    params: dict,
+    new_params: dict,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    *,
+    rephrases: Rephrases | None = None,
+    locality_prompts: Sequence[str] | None = None,
+    locality_targets: Sequence[str] | None = None,
+    portability: Sequence[tuple[str, str]] | None = None,
+    tokenizer: Any = None,
+    max_length: int | None = None,
+) -> dict[str, float | None]:
+    """EasyEdit's four metrics of an edit (`params` before, `new_params` after), each in [0, 1].
+
+    - reliability: fraction of prompts whose whole target is the edited model's greedy
+      prediction (teacher forcing), as `edit_success` in `evaluate_editor`.
+    - generalization: the same on the rephrases (averaged per prompt over its rephrases).
+    - locality: fraction of the locality targets' tokens whose greedy prediction the edit left
+      unchanged (the base model's prediction, whether or not the target is right).
+    - portability: the whole-target accuracy on (prompt, target) pairs that the edit implies.
+    A metric without its inputs is None.
+    """
+    tokenizer = _tokenizer(model, tokenizer)
+    kw = {"max_length": max_length}
+    out: dict[str, float | None] = {}
+    correct = _post_accuracy(model, new_params,
+                             _batch(model, tokenizer, prompts, targets, **kw, what="prompts"))
+    out["reliability"] = float(correct.mean())
+
+    extra = _rephrase_lists(rephrases, len(prompts))
+    if any(extra):
+        rows_p = [r for rs in extra for r in rs]
+        rows_t = [t for t, rs in zip(targets, extra) for _ in rs]
+        hit = _post_accuracy(model, new_params,
+                             _batch(model, tokenizer, rows_p, rows_t, **kw, what="rephrases"))
+        owner = np.repeat(np.arange(len(extra)), [len(rs) for rs in extra])
+        per_prompt = [hit[owner == i].mean() for i, rs in enumerate(extra) if rs]
+        out["generalization"] = float(np.mean(per_prompt))
+    else:
+        out["generalization"] = None
+
+    if (locality_prompts is None) != (locality_targets is None):
+        raise EditInputError("locality: pass both locality_prompts and locality_targets")
+    if locality_prompts is not None and len(locality_prompts):
+        batch = _batch(model, tokenizer, locality_prompts, locality_targets, **kw,
+                       what="locality")
+        stats = jax.jit(lambda p, q, b: _paired_stats(model, p, q, b))(params, new_params, batch)
+        out["locality"] = float(np.asarray(stats["unchanged"], np.float64).mean())
+    else:
+        out["locality"] = None
+
+    if portability:
+        pairs = list(portability)
+        batch = _batch(model, tokenizer, [p for p, _ in pairs], [t for _, t in pairs], **kw,
+                       what="portability")
+        out["portability"] = float(_post_accuracy(model, new_params, batch).mean())
+    else:
+        out["portability"] = None
+    return out

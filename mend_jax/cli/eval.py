@@ -1,0 +1,87 @@
+"""Evaluate a trained editor (and the FT / FT+L baselines) on held-out edits.
+
+    mend-eval runs/default                          # the run's test split
+    mend-eval runs/default --n-edits 1 5 25 --plot  # batched edits, plot vs k
+    mend-eval runs/default --data path.json --format counterfact
+    mend-eval --editor runs/default/editor --model runs/default/base_model --data path.json
+"""
+
+import argparse
+import logging
+from pathlib import Path
+
+import jax
+
+from mend_jax.cli.common import add_source_args, load_source
+from mend_jax.data import load_requests
+from mend_jax.editors import make_editor
+from mend_jax.evaluation import evaluate_editor, format_table, plot_vs_n_edits
+from mend_jax.pipeline import METHODS, evaluate_all, write_results
+
+
+def _evaluate_editor_folder(src, requests, methods, n_edits: int, max_length: int) -> dict:
+    """Every method on `requests`, the baselines with their default options."""
+    results = {}
+    for method in methods:
+        if method == "mend":
+            editor, state = src.editor, src.state
+        elif method == "untrained":
+            editor, state = src.editor, src.editor.init(jax.random.key(0))
+        else:
+            editor = make_editor(method, src.model, list(src.editor.layout.inner_params))
+            state = editor.init(None)
+        results[method] = evaluate_editor(src.model, editor, state, src.model.params, requests,
+                                          src.tokenizer, n_edits=n_edits, max_length=max_length)
+    return results
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    add_source_args(p)
+    p.add_argument("--split", default=None, help="train/val/test of the run's data")
+    p.add_argument("--data", default=None, help="evaluate on this file instead of a split")
+    p.add_argument("--format", default=None, help="format of --data (sniffed when omitted)")
+    p.add_argument("--n-edits", type=int, nargs="+", default=None,
+                   help="simultaneous edits per edit call (several values: one table each)")
+    p.add_argument("--methods", nargs="+", default=None, choices=METHODS,
+                   help="mend untrained ft ft_l ft_kl (with --editor: default mend)")
+    p.add_argument("--max-examples", type=int, default=None)
+    p.add_argument("--max-length", type=int, default=None,
+                   help="with --editor: token length of a row (default: the editor's)")
+    p.add_argument("--plot", action="store_true", help="PNG of metrics vs number of edits")
+    p.add_argument("--out", default=None,
+                   help="JSON output (default RUN/eval_results.json, with --editor "
+                        "./eval_results.json)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.editor and not args.data:
+        p.error("--editor needs --data (a run folder has its own splits)")
+    cfg, prep, src = load_source(p, args)
+    requests = load_requests(args.data, args.format) if args.data else None
+    if cfg is not None:
+        if args.split:
+            cfg["eval"]["split"] = args.split
+        if args.max_examples:
+            cfg["eval"]["max_examples"] = args.max_examples
+    elif args.max_examples:
+        requests = requests[: args.max_examples]
+    by_n = {}
+    for k in args.n_edits or [cfg["eval"]["n_edits"] if cfg else 1]:
+        if cfg is not None:
+            by_n[k] = evaluate_all(cfg, prep, src.editor, src.state, methods=args.methods,
+                                   requests=requests, n_edits=k)
+        else:
+            by_n[k] = _evaluate_editor_folder(src, requests, args.methods or ["mend"], k,
+                                              args.max_length or src.max_length or 64)
+        print(f"\n{k} simultaneous edit(s), {args.data or cfg['eval']['split']}:")
+        print(format_table(by_n[k]))
+    out = Path(args.out) if args.out else (Path(args.run_dir) / "eval_results.json"
+                                           if args.run_dir else Path("eval_results.json"))
+    single = len(by_n) == 1
+    write_results(out, next(iter(by_n.values())) if single
+                  else {str(k): v for k, v in by_n.items()})
+    print(f"results written to {out}")
+    if args.plot:
+        png = plot_vs_n_edits(by_n, out.with_suffix(".png"))
+        print(f"plot written to {png}")
+    return 0
