@@ -15,7 +15,12 @@ import jax
 from mend_jax.cli.common import add_source_args, load_source
 from mend_jax.data import load_requests
 from mend_jax.editors import make_editor
-from mend_jax.evaluation import evaluate_editor, format_table, plot_vs_n_edits
+from mend_jax.evaluation import (
+    evaluate_editor,
+    format_by_n_edits,
+    format_table,
+    plot_vs_n_edits,
+)
 from mend_jax.pipeline import METHODS, evaluate_all, write_results
 
 
@@ -78,6 +83,10 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else (Path(args.run_dir) / "eval_results.json"
                                            if args.run_dir else Path("eval_results.json"))
     single = len(by_n) == 1
+    if not single:
+        print("\nevery k side by side (each group of k requests edited together from the base "
+              "weights):")
+        print(format_by_n_edits(by_n))
     write_results(out, next(iter(by_n.values())) if single
                   else {str(k): v for k, v in by_n.items()})
     print(f"results written to {out}")
