@@ -307,7 +307,8 @@ def load_jax_editor(trainer: TorchMEND, editor_state: dict) -> None:
     t = lambda x: torch.from_numpy(np.array(x, np.float32))
     with torch.no_grad():
         for g, net in ed.nets.items():
-            for layer, src in zip(net.mlp.layers, editor_state["params"]["nets"][g]["uv"]["layers"]):
+            src_layers = editor_state["params"]["nets"][g]["uv"]["layers"]
+            for layer, src in zip(net.mlp.layers, src_layers):
                 layer.u.copy_(t(src["U"]))
                 layer.v.copy_(t(src["V"]))
                 layer.bias.copy_(t(src["b"]))
