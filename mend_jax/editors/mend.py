@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
+import jax.scipy.sparse.linalg  # noqa: F401  (jax.scipy.sparse.linalg.cg)
 
 from mend_jax.capture import Captured, capture, pseudo_gradient
 from mend_jax.models.names import get_path, set_path
@@ -139,20 +140,30 @@ def selected_tokens(cap: Captured) -> jax.Array:
     return cap.token_mask * nonzero.astype(jnp.float32)
 
 
-def ridge_solve(keys: jax.Array, values: jax.Array, lam: jax.Array) -> jax.Array:
+def ridge_solve(keys: jax.Array, values: jax.Array, lam: jax.Array,
+                iters: int = 100) -> jax.Array:
     """argmin_X ‖K X − D‖² + λ‖X‖² = (KᵀK + λI)⁻¹ KᵀD, [d_in, d_out], differentiable.
 
     Zero (unselected) token rows drop out of both forms. The primal system is d_in × d_in, the
-    dual Kᵀ(KKᵀ + λI)⁻¹D tokens × tokens; the smaller one is solved (shapes are static).
+    dual Kᵀ(KKᵀ + λI)⁻¹D tokens × tokens; the smaller one is solved (shapes are static). Solved
+    by Jacobi-preconditioned conjugate gradients (matmuls only; `cg` differentiates implicitly):
+    on CPU, XLA's LU/Cholesky custom calls cost 10-100× more than the whole system's matmuls.
     """
     k = keys.astype(jnp.float32)
     v = values.astype(jnp.float32)
     n, d_in = k.shape
     if d_in <= n:
         gram = k.T @ k + lam * jnp.eye(d_in, dtype=jnp.float32)
-        return jax.scipy.linalg.solve(gram, k.T @ v, assume_a="pos")
+        return _spd_solve(gram, k.T @ v, iters)
     gram = k @ k.T + lam * jnp.eye(n, dtype=jnp.float32)
-    return k.T @ jax.scipy.linalg.solve(gram, v, assume_a="pos")
+    return k.T @ _spd_solve(gram, v, iters)
+
+
+def _spd_solve(a: jax.Array, b: jax.Array, iters: int) -> jax.Array:
+    inv_diag = 1.0 / jnp.diag(a)
+    x, _ = jax.scipy.sparse.linalg.cg(lambda x: a @ x, b, tol=1e-6, maxiter=iters,
+                                      M=lambda x: inv_diag[:, None] * x)
+    return x
 
 
 def _standardise(x, mean, m2, count, eps):
