@@ -19,6 +19,12 @@ import numpy as np
 #   "same":   embeddings, norms, biases: identical layout
 LAYOUTS = ("linear", "conv1d", "same")
 
+# Which token stream a weight acts on, and the batch mask that says which of its tokens are real.
+#   "input":   the tokens of `input_ids` (every weight of a decoder-only model; a T5 encoder's
+#              weights and the decoder's cross-attention k/v, which read the encoder's output)
+#   "decoder": the tokens of `decoder_input_ids` (the rest of a T5 decoder)
+TOKEN_MASKS = {"input": "attention_mask", "decoder": "decoder_attention_mask"}
+
 
 @dataclass(frozen=True)
 class ParamName:
@@ -28,6 +34,17 @@ class ParamName:
     optional: bool = False       # may be absent from a checkpoint (tied lm_head)
     tied_to: str | None = None   # HF name whose value this one repeats when exported
     fallback: str | None = None  # HF name read instead when this one is absent (tied on save)
+    tokens: str = "input"        # the token stream it acts on, a key of TOKEN_MASKS
+
+    def __post_init__(self):
+        if self.tokens not in TOKEN_MASKS:
+            raise ValueError(f"{self.hf}: tokens must be one of {sorted(TOKEN_MASKS)}, "
+                             f"got {self.tokens!r}")
+
+    @property
+    def mask_key(self) -> str:
+        """The batch key of the mask over the tokens this weight acts on."""
+        return TOKEN_MASKS[self.tokens]
 
     def to_leaf(self, array: np.ndarray) -> np.ndarray:
         return array.T if self.layout == "linear" else array
