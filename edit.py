@@ -10,11 +10,16 @@ import logging
 import sys
 
 from mend_jax.editing import edit_report, format_report
+from mend_jax.errors import cli_main
 from mend_jax.models import save_pretrained
 from mend_jax.pipeline import load_run
 
 
 def main(argv=None) -> int:
+    return cli_main(run, argv, log_level=logging.WARNING)
+
+
+def run(argv) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("run_dir", help="a train.py output folder (its best editor is used)")
     p.add_argument("--prompt", required=True)
@@ -23,8 +28,8 @@ def main(argv=None) -> int:
     p.add_argument("--neighbor", action="append", default=[], help="an unrelated prompt")
     p.add_argument("--max-new-tokens", type=int, default=6)
     p.add_argument("--save", default=None, help="export the edited model (Hugging Face format)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
     if not args.target.strip():
         p.error("--target must not be empty")
     cfg, prep, mend, state = load_run(args.run_dir)

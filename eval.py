@@ -6,16 +6,20 @@
 """
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 from mend_jax.data import load_requests
+from mend_jax.errors import cli_main
 from mend_jax.evaluation import format_table, plot_vs_n_edits
 from mend_jax.pipeline import evaluate_all, load_run, write_results
 
 
 def main(argv=None) -> int:
+    return cli_main(run, argv)
+
+
+def run(argv) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("run_dir", help="a train.py output folder")
     p.add_argument("--split", default=None, help="train/val/test of the run's data")
@@ -27,8 +31,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-examples", type=int, default=None)
     p.add_argument("--plot", action="store_true", help="PNG of metrics vs number of edits")
     p.add_argument("--out", default=None, help="JSON output (default RUN/eval_results.json)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg, prep, mend, state = load_run(args.run_dir)
     if args.split:
         cfg["eval"]["split"] = args.split

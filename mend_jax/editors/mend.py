@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from mend_jax.capture import Captured, capture, pseudo_gradient
+from mend_jax.editing import check_edit_batch
 from mend_jax.models.names import get_path, set_path
 
 
@@ -255,4 +256,5 @@ class MEND:
 
     def edit(self, editor_state: dict, model_params: dict, edit_batch) -> dict:
         """Pure, jit-able edit: one request or k requests at once (their tokens are pooled)."""
+        check_edit_batch(self.model, edit_batch)
         return self.edit_with_stats(editor_state, model_params, edit_batch, train=False)[0]

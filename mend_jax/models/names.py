@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from mend_jax.errors import UnknownNameError
+
 # How a Hugging Face tensor is laid out relative to our pytree leaf.
 #   "linear": torch nn.Linear weight [d_out, d_in] -> our kernel [d_in, d_out] (transposed)
 #   "conv1d": GPT-2 Conv1D weight, already [d_in, d_out]
@@ -69,7 +71,7 @@ class NameMap:
         if hf_name in self.by_hf:
             return self.by_hf[hf_name]
         close = difflib.get_close_matches(hf_name, list(self.by_hf), n=5, cutoff=0.5)
-        raise KeyError(
+        raise UnknownNameError(
             f"unknown parameter name {hf_name!r}; closest valid names: {close or 'none'}"
         )
 
