@@ -54,11 +54,13 @@ def cli_main(main: Callable[[list[str]], int], argv: Sequence[str] | None = None
 
     With `--debug` in argv the traceback is printed as well. Logging is configured here with
     `force=True`: absl (imported by orbax) installs a handler first, which would make a plain
-    `logging.basicConfig` do nothing.
+    `logging.basicConfig` do nothing. Orbax's INFO messages (through absl) show with `--debug`.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     logging.basicConfig(level=log_level, format="%(asctime)s %(name)s: %(message)s", force=True)
+    if not debug:  # orbax reports every save and restore at INFO through absl
+        logging.getLogger("absl").setLevel(max(log_level, logging.WARNING))
     try:
         return main(argv)
     except USER_ERRORS as e:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import yaml
 
 from mend_jax.checkpoint import load_best_editor
+from mend_jax.config import validate_config
 from mend_jax.data import (
     EditRequest,
     benchmark_texts,
@@ -247,7 +248,7 @@ def load_run(run_dir: str | Path, overrides: dict | None = None) -> tuple[dict, 
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.exists():
         raise FileNotFoundError(f"{run_dir}: no config.yaml (is this a train.py output folder?)")
-    cfg = yaml.safe_load(cfg_file.read_text())
+    cfg = validate_config(yaml.safe_load(cfg_file.read_text()))
     cfg["out_dir"] = str(run_dir)
     for k, v in (overrides or {}).items():
         cfg[k] = v
