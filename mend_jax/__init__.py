@@ -10,15 +10,24 @@ Everything a user is meant to call:
 - evaluation: `evaluate_editor`, `format_table`
 - data: `mend_jax.data` (loaders, the geonames benchmark, batching)
 - scale: `mend_jax.sharding` (mesh and partition rules), `mend_jax.checkpoint`
+- errors: `MendError` and one subclass per layer (`ConfigError`, `DataError`, `CheckpointError`,
+  `EditError`, `RunError`), in `mend_jax.errors`
 """
 
 from mend_jax.api import EditInputError, edit, evaluate_edit
 from mend_jax.artifacts import ArtifactError, load_editor, save_editor
 from mend_jax.capture import Captured, capture
 from mend_jax.editors import MEND, FineTune, FTConfig, MENDConfig, make_editor
+from mend_jax.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    EditError,
+    MendError,
+    RunError,
+)
 from mend_jax.evaluation import evaluate_editor, format_table
 from mend_jax.models import (
-    CheckpointError,
     Model,
     from_config,
     generate,
@@ -33,12 +42,17 @@ __all__ = [
     "ArtifactError",
     "Captured",
     "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "EditError",
     "EditInputError",
     "FTConfig",
     "FineTune",
     "MENDConfig",
+    "MendError",
     "MetaTrainer",
     "Model",
+    "RunError",
     "TrainConfig",
     "capture",
     "edit",

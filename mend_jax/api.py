@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mend_jax.data.batching import tokenize_pairs
+from mend_jax.errors import EditError
 from mend_jax.evaluation import _paired_stats, _post_stats
 from mend_jax.models import Model
 
@@ -25,7 +26,7 @@ _MODEL_KEYS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_atte
                "labels")
 
 
-class EditInputError(ValueError):
+class EditInputError(EditError):
     """Prompts and targets that cannot be edited or measured as given."""
 
 

@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from mend_jax.editors import MEND, MENDConfig
+from mend_jax.errors import CheckpointError
 from mend_jax.models import Model, get_path
 
 FORMAT = "mend-jax-editor"
@@ -37,7 +38,7 @@ CONFIG_FILE = "editor.json"
 WEIGHTS_FILE = "editor.safetensors"
 
 
-class ArtifactError(ValueError):
+class ArtifactError(CheckpointError):
     """An editor folder that cannot be loaded, or not for this model."""
 
 

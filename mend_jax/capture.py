@@ -19,6 +19,7 @@ from jaxtyping import Array, Float
 
 from mend_jax.metrics import masked_nll
 from mend_jax.models.common import Linear
+from mend_jax.models.names import ParamName
 
 INPUTS = "layer_inputs"
 OUTPUT_GRADS = "output_grads"
@@ -56,11 +57,10 @@ def model_inputs(batch: Mapping[str, jax.Array]) -> tuple:
             batch.get("decoder_attention_mask"))
 
 
-def token_mask_for(hf_name: str, batch: Mapping[str, jax.Array], seq2seq: bool) -> jax.Array:
-    """Which captured tokens are real: encoder tokens for T5 encoder weights, decoder otherwise."""
-    if seq2seq and not hf_name.startswith("encoder."):
-        return batch["decoder_attention_mask"]
-    return batch["attention_mask"]
+def token_mask_for(param: ParamName, batch: Mapping[str, jax.Array]) -> jax.Array:
+    """Which captured tokens of a weight are real: the mask of the token stream it acts on (the
+    name map says which: a T5 decoder's cross-attention k/v act on encoder tokens)."""
+    return batch[param.mask_key]
 
 
 def capture(
@@ -103,7 +103,7 @@ def capture(
     for path, name in by_module.items():
         u = _get(intermediates, path)[INPUTS][0]
         d = _get(grads, path)[OUTPUT_GRADS]
-        mask = token_mask_for(name, batch, model.seq2seq)
+        mask = token_mask_for(model.names.lookup(name), batch)
         captured[name] = Captured(
             layer_inputs=u.reshape(-1, u.shape[-1]),       # B*T d_in
             output_grads=d.reshape(-1, d.shape[-1]),       # B*T d_out

@@ -8,6 +8,8 @@ best folder only {"editor": ...}; both hold a JSON item with the loop's bookkeep
 validation loss, patience counter, config).
 Orbax writes into a temporary folder and renames it when complete, so a process killed mid-save
 leaves the previous checkpoint intact; the half-written folder is cleaned up on the next start.
+A finished checkpoint damaged later (a truncated or deleted file) is skipped on restore, with a
+warning, for the previous one.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+from mend_jax.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +75,27 @@ class Checkpoints:
         return out["state"], out["meta"]
 
     def restore_latest(self, like: dict) -> tuple[dict, dict] | None:
-        step = self.latest_step()
-        return None if step is None else self._restore(self.latest, step, like)
+        """The newest latest checkpoint that restores; a damaged one is skipped with a warning."""
+        return self._restore_newest(self.latest, like)
 
     def restore_best(self, like: dict) -> tuple[dict, dict] | None:
-        step = self.best_step()
-        return None if step is None else self._restore(self.best, step, like)
+        return self._restore_newest(self.best, like)
+
+    def _restore_newest(self, manager, like: dict) -> tuple[dict, dict] | None:
+        steps = sorted(manager.all_steps(), reverse=True)
+        failures = []
+        for step in steps:
+            try:
+                return self._restore(manager, step, like)
+            except Exception as e:  # orbax/tensorstore raise many types for a damaged folder
+                reason = " ".join(str(e).split())[:300] or type(e).__name__
+                failures.append(f"step {step}: {reason}")
+                log.warning("%s/%d cannot be restored (%s); trying the previous checkpoint",
+                            manager.directory, step, reason)
+        if failures:
+            raise CheckpointError(f"{manager.directory}: no checkpoint restores; "
+                                  + "; ".join(failures))
+        return None
 
     def close(self) -> None:
         self.latest.close()
@@ -91,6 +110,6 @@ def load_best_editor(run_dir: str | Path, like: dict) -> tuple[dict, dict]:
     finally:
         ck.close()
     if got is None:
-        raise FileNotFoundError(f"{Path(run_dir) / 'checkpoints' / 'best'}: no checkpoint found")
+        raise CheckpointError(f"{Path(run_dir) / 'checkpoints' / 'best'}: no checkpoint found")
     state, meta = got
     return state["editor"], meta

@@ -3,12 +3,14 @@
 `mend_jax/configs/config.yaml` (package data) names one file per group under `defaults` (model,
 data, alg); a `group=name` override picks `configs/<group>/<name>.yaml` instead, and dotted
 `a.b.c=value` overrides set any key (values parsed as YAML: numbers, booleans, lists). Unknown
-keys fail with the closest ones.
+keys fail with the closest ones; the composed config is validated (types and ranges, see
+`validate_config`) before it is returned.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import importlib.resources
 from collections.abc import Sequence
@@ -17,13 +19,11 @@ from typing import Any
 
 import yaml
 
+from mend_jax.errors import ConfigError
+
 # Shipped inside the package, so an installed (non-editable) mend-jax finds them too.
 CONFIG_DIR = Path(str(importlib.resources.files("mend_jax") / "configs"))
 GROUPS = ("model", "data", "alg")
-
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be applied."""
 
 
 def _read(path: Path) -> dict:
@@ -86,7 +86,7 @@ def load_config(overrides: Sequence[str] = (), config_dir: str | Path | None = N
         allow_new = key.startswith("+")
         value = _parse_value(raw)
         _set(cfg, key.lstrip("+"), value, allow_new)
-    return cfg
+    return validate_config(cfg)
 
 
 def _parse_value(raw: str) -> Any:
@@ -104,3 +104,164 @@ def _parse_value(raw: str) -> Any:
 
 def dump_config(cfg: dict) -> str:
     return yaml.safe_dump(cfg, sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- validation
+# Keys outside the dataclass sections, with their types (None: may be null) and checks.
+_PLAIN = {
+    "seed": (int,),
+    "out_dir": (str,),
+    "cache_dir": (str,),
+    "progress": (bool,),
+    "dtype": (str,),
+    "remat": (bool,),
+    "eval.split": (str,),
+    "eval.n_edits": (int,),
+    "eval.methods": (list,),
+    "eval.max_examples": (int, None),
+    "model.name": (str, None),
+    "model.max_length": (int,),
+    "model.inner_params": (list, None),
+    "data.format": (str, None),
+    "data.n_val": (int, None),
+    "data.n_test": (int, None),
+    "data.n_train": (int, None),
+}
+_AT_LEAST = {
+    "eval.n_edits": 1, "eval.max_examples": 1, "model.max_length": 2,
+    "alg.loop.max_steps": 1, "alg.loop.val_every": 1, "alg.loop.n_edits": 1,
+    "alg.loop.batch_size": 1, "alg.loop.val_batches": 1, "alg.loop.save_every": 1,
+    "alg.loop.log_every": 1, "alg.loop.early_stop_patience": 0, "alg.train.accumulate": 1,
+    "alg.train.lr": 0, "alg.train.lr_lr": 0, "alg.editor.rank": 1, "alg.editor.n_hidden": 0,
+    "alg.baselines.*.steps": 1,
+}
+_TYPE_NAMES = {"int": int, "float": float, "bool": bool, "str": str, "None": None}
+
+
+def _dataclass_sections() -> dict[str, type]:
+    # Imported here: the dataclasses live with the code they configure (and import jax).
+    from mend_jax.editors import FTConfig, MENDConfig
+    from mend_jax.loop import LoopConfig
+    from mend_jax.training import TrainConfig
+
+    return {"alg.editor": MENDConfig, "alg.train": TrainConfig, "alg.loop": LoopConfig,
+            "alg.baselines.*": FTConfig}
+
+
+def _field_types(annotation) -> tuple | None:
+    """(int,), (float, None), ... from a dataclass annotation ("int | None"); None if unknown."""
+    names = annotation.split("|") if isinstance(annotation, str) else [annotation.__name__]
+    names = [n.strip() for n in names]
+    if any(n not in _TYPE_NAMES for n in names):
+        return None
+    return tuple(_TYPE_NAMES[n] for n in names)
+
+
+def _check_type(key: str, value: Any, types: tuple) -> None:
+    if value is None:
+        if None in types:
+            return
+    elif isinstance(value, bool):
+        if bool in types:
+            return
+    elif isinstance(value, int) and (int in types or float in types):
+        return
+    elif isinstance(value, float) and float in types:
+        return
+    elif isinstance(value, (str, list)) and type(value) in types:
+        return
+    want = " or ".join({int: "an integer", float: "a number", bool: "true/false", str: "a string",
+                        list: "a list", None: "null"}[t] for t in types)
+    hint = ""
+    if int in types and isinstance(value, float) and value.is_integer():
+        hint = f" (write {int(value)})"
+    elif list in types and isinstance(value, str):
+        hint = " (YAML list syntax: [a, b])"
+    raise ConfigError(f"{key}={value!r}: expected {want}{hint}")
+
+
+def _check_range(key: str, value: Any) -> None:
+    pattern = key
+    parts = key.split(".")
+    if key.startswith("alg.baselines.") and len(parts) == 4:
+        pattern = f"alg.baselines.*.{parts[3]}"
+    low = _AT_LEAST.get(pattern)
+    if low is not None and value is not None and value < low:
+        raise ConfigError(f"{key}={value!r}: must be >= {low}")
+
+
+def _lookup(cfg: dict, dotted: str) -> tuple[bool, Any]:
+    node = cfg
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return False, None
+        node = node[key]
+    return True, node
+
+
+def _check_section(section: str, values: Any, schema: type) -> None:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{section}: expected a mapping, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in values.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=3)
+            raise ConfigError(f"{section}.{key}: unknown key; closest: {close or sorted(fields)}")
+        types = _field_types(fields[key].type)
+        if types is not None:
+            _check_type(f"{section}.{key}", value, types)
+        _check_range(f"{section}.{key}", value)
+    kwargs = dict(values)
+    if kwargs.get("lr_schedule") == "cosine" and not kwargs.get("decay_steps"):
+        kwargs["decay_steps"] = 1  # the pipeline derives it from alg.loop.max_steps
+    try:
+        schema(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{section}: {e}") from None
+
+
+def validate_config(cfg: dict) -> dict:
+    """Check every key's type and range before any work starts; returns cfg unchanged.
+
+    The dataclasses that read the `alg` sections (MENDConfig, TrainConfig, LoopConfig, FTConfig)
+    are their schema; the other keys are listed above. Sections a config leaves out are skipped.
+    """
+    from mend_jax.pipeline import DTYPES, METHODS
+
+    for key, types in _PLAIN.items():
+        present, value = _lookup(cfg, key)
+        if present:
+            _check_type(key, value, types)
+            _check_range(key, value)
+    sections = _dataclass_sections()
+    for section, schema in sections.items():
+        if section.endswith(".*"):
+            present, group = _lookup(cfg, section[:-2])
+            if not present:
+                continue
+            if not isinstance(group, dict):
+                raise ConfigError(f"{section[:-2]}: expected a mapping, got {group!r}")
+            for method, values in group.items():
+                if method not in METHODS:
+                    raise ConfigError(f"{section[:-2]}.{method}: unknown method; choose from "
+                                      f"{list(METHODS)}")
+                _check_section(f"{section[:-2]}.{method}", values or {}, schema)
+            continue
+        present, values = _lookup(cfg, section)
+        if present:
+            _check_section(section, values, schema)
+    present, methods = _lookup(cfg, "eval.methods")
+    if present:
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown or not methods:
+            raise ConfigError(f"eval.methods={methods!r}: each must be one of {list(METHODS)}")
+    present, split = _lookup(cfg, "eval.split")
+    if present and split not in ("train", "val", "test"):
+        raise ConfigError(f"eval.split={split!r}: expected train, val or test")
+    present, dtype = _lookup(cfg, "dtype")
+    if present and dtype not in DTYPES:
+        raise ConfigError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)}")
+    present, names = _lookup(cfg, "model.inner_params")
+    if present and names is not None and not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"model.inner_params={names!r}: expected a list of parameter names")
+    return cfg

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -10,8 +10,39 @@ import numpy as np
 
 from mend_jax.capture import model_inputs
 from mend_jax.data import tokenize_pairs
+from mend_jax.errors import EditError
 from mend_jax.metrics import sequence_nll
 from mend_jax.models import generate
+from mend_jax.models.generation import _max_positions
+
+TOKEN_KEYS = ("input_ids", "decoder_input_ids")
+
+
+def check_edit_batch(model, batch: Mapping, where: str = "") -> None:
+    """Refuse token ids outside the model's vocabulary and sequences longer than its positions.
+
+    A batch may nest its parts ({"edit_inner": {...}, "loc": {...}}). Lengths are checked always
+    (shapes are known while tracing); token ids only when the arrays are concrete, i.e. outside
+    `jax.jit` (an embedding lookup clamps a bad id silently, so this is the only place to catch it).
+    """
+    vocab, limit = model.config.vocab_size, _max_positions(model.hf_config)
+    for key, part in batch.items():
+        if isinstance(part, Mapping):
+            check_edit_batch(model, part, f"{where}{key}.")
+            continue
+        if key not in TOKEN_KEYS or part is None:
+            continue
+        if limit is not None and part.shape[-1] > limit:
+            raise EditError(f"{where}{key}: sequences of {part.shape[-1]} tokens, but the model "
+                            f"has {limit} positions (shorten the prompt or lower max_length)")
+        if isinstance(part, jax.core.Tracer):
+            continue
+        ids = np.asarray(part)
+        bad = (ids < 0) | (ids >= vocab)
+        if bad.any():
+            at = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise EditError(f"{where}{key}{list(at)} = {int(ids[at])}: token id outside the "
+                            f"model's vocabulary of {vocab} (does the tokenizer match the model?)")
 
 
 def _target_prob(model, params, batch) -> np.ndarray:
@@ -34,12 +65,14 @@ def edit_report(model, tokenizer, editor, editor_state, prompt: str, target: str
     batch = {k: jnp.asarray(v) for k, v in tokenize_pairs(
         tokenizer, [prompt], [target], seq2seq=model.seq2seq, max_length=max_length).items()
         if k != "truncated"}
+    check_edit_batch(model, batch)
     new_params = jax.jit(editor.edit)(editor_state, model.params, batch)
     prompts = [prompt, *rephrases, *neighbors]
     kinds = ["edit"] + ["rephrase"] * len(rephrases) + ["neighbor"] * len(neighbors)
     probe = {k: jnp.asarray(v) for k, v in tokenize_pairs(
         tokenizer, prompts, [target] * len(prompts), seq2seq=model.seq2seq,
         max_length=max_length).items() if k != "truncated"}
+    check_edit_batch(model, probe)
     p_before = _target_prob(model, model.params, probe)
     p_after = _target_prob(model, new_params, probe)
     gen_before = _generate(model, model.params, tokenizer, prompts, max_new_tokens)

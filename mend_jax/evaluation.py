@@ -23,6 +23,7 @@ import numpy as np
 from mend_jax.capture import model_inputs
 from mend_jax.data.batching import tokenize_pairs
 from mend_jax.data.request import EditRequest
+from mend_jax.editing import check_edit_batch
 from mend_jax.editors.ft import FineTune
 from mend_jax.metrics import IGNORE, loc_mask, sequence_correct, token_log_probs
 
@@ -239,6 +240,7 @@ def evaluate_editor(
     requests = requests[: n_groups * n_edits]
     batches, weights = _prepare(requests, tokenizer, n_edits, seq2seq=model.seq2seq,
                                 max_length=max_length, max_target_length=max_target_length)
+    check_edit_batch(model, batches)
     groups = [jax.tree.map(lambda x, g=g: x[g], batches) for g in range(n_groups)]
 
     run = _group_fn(model, editor, batch_size)

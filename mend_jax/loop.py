@@ -154,7 +154,8 @@ def train_editor(trainer: MetaTrainer, model_params, train_requests, val_request
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps,
                desc="meta-train", disable=not progress, mininterval=1)
     stopped_early = False
-    t0 = time.time()
+    # Training time so far: a resumed run adds its own to what its checkpoint recorded.
+    t0 = time.time() - book.get("train_time_s", 0.0)
     for step in bar:
         batch = batch_at(train_requests, tokenizer, seed=seed, step=step,
                          batch_size=cfg.batch_size, n_edits=cfg.n_edits, seq2seq=seq2seq,
@@ -189,6 +190,7 @@ def train_editor(trainer: MetaTrainer, model_params, train_requests, val_request
                 stopped_early = True
         if (step + 1) % cfg.save_every == 0 or done or stopped_early:
             book["n_skipped"] = int(state["n_skipped"])
+            book["train_time_s"] = time.time() - t0
             ckpt.save_latest(step + 1, state, book)
         if stopped_early:
             log.info("early stop at step %d (best %s)", step + 1, book["best_step"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ import yaml
 
 from mend_jax.artifacts import save_editor
 from mend_jax.checkpoint import load_best_editor
-from mend_jax.config import dump_config
+from mend_jax.config import validate_config
 from mend_jax.data import (
     EditRequest,
     benchmark_texts,
@@ -34,6 +35,7 @@ from mend_jax.editors import MEND, MENDConfig, make_editor
 from mend_jax.evaluation import evaluate_editor, format_table
 from mend_jax.loop import LoopConfig, train_editor
 from mend_jax.models import Model, load_pretrained, save_pretrained
+from mend_jax.runs import run_lock, write_or_check_config
 from mend_jax.training import MetaTrainer, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -191,8 +193,12 @@ def train(cfg: dict, *, resume: bool = False) -> tuple[Path, dict]:
         log.warning("%s holds a run already (use --resume to continue it); writing to %s",
                     cfg["out_dir"], run_dir)
         cfg = dict(cfg, out_dir=str(run_dir))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    with run_lock(run_dir):
+        write_or_check_config(run_dir, cfg, resume)
+        return _train(cfg, run_dir, resume)
+
+
+def _train(cfg: dict, run_dir: Path, resume: bool) -> tuple[Path, dict]:
     t0 = time.time()
     prep = prepare(cfg)
     t_prep = time.time() - t0
@@ -225,9 +231,23 @@ def train(cfg: dict, *, resume: bool = False) -> tuple[Path, dict]:
 
 
 def write_results(path: Path, results: dict) -> None:
+    """Strict JSON, written atomically: a NaN or infinite metric is written as null."""
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2))
+    tmp.write_text(json.dumps(strict_json(results), indent=2, allow_nan=False))
     tmp.replace(path)
+
+
+def strict_json(value: Any) -> Any:
+    """`value` with every non-finite float replaced by None (and numpy scalars by Python's)."""
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "shape", None) == ():
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def load_run(run_dir: str | Path, overrides: dict | None = None) -> tuple[dict, Prepared, MEND,
@@ -237,7 +257,7 @@ def load_run(run_dir: str | Path, overrides: dict | None = None) -> tuple[dict, 
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.exists():
         raise FileNotFoundError(f"{run_dir}: no config.yaml (is this a train.py output folder?)")
-    cfg = yaml.safe_load(cfg_file.read_text())
+    cfg = validate_config(yaml.safe_load(cfg_file.read_text()))
     cfg["out_dir"] = str(run_dir)
     for k, v in (overrides or {}).items():
         cfg[k] = v

@@ -1,5 +1,7 @@
 """Σ_t u_t δ_tᵀ from one captured pass equals jax.grad of each edited weight."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,3 +82,61 @@ def test_captured_outer_products_equal_weight_gradients(arch):
         # padding tokens carry no gradient
         pad = c.token_mask == 0
         assert float(jnp.abs(c.output_grads[pad]).max(initial=0.0)) == 0.0
+
+
+def every_weight_kind(model) -> list[str]:
+    """Every dense weight of block 1 (of both T5 stacks): attention q/k/v/o (fused for GPT-2),
+    T5 cross-attention q/k/v/o, MLP in/out."""
+    return [n.hf for n in model.names.names
+            if n.layout in ("linear", "conv1d") and n.tied_to is None
+            and re.search(r"\.(h|layers|block)\.1\.", n.hf)]
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_every_weight_kind_with_unequal_encoder_decoder_lengths(arch):
+    """Σ_t u_t δ_tᵀ is the gradient of every kind of dense weight, the encoder padded to 9 tokens
+    and the decoder to 5: T5 cross-attention k/v act on encoder tokens, q/o on decoder tokens."""
+    model = from_config(CONFIGS[arch](), seed=2)
+    if model.seq2seq:
+        batch = seq2seq_batch(61, [9, 4, 6], [5, 2, 4], seed=3)
+        assert batch["input_ids"].shape[1] != batch["decoder_input_ids"].shape[1]
+    else:
+        batch = decoder_batch(61, [9, 4, 6], seed=3)
+    inner = every_weight_kind(model)
+    kinds = {n.split(".")[-2] for n in inner}
+    expected = {
+        "gpt2": {"c_attn", "c_proj", "c_fc"},
+        "gpt_neo": {"q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"},
+        "gptj": {"q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"},
+        "llama": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+        "t5": {"q", "k", "v", "o", "wi", "wo"},
+    }[arch]
+    assert kinds == expected, kinds
+    if model.seq2seq:
+        assert sum("EncDecAttention" in n for n in inner) == 4
+    loss, captured, _ = jax.jit(lambda p, b: capture(model, p, b, inner))(model.params, batch)
+
+    def loss_of(p):
+        logits = model.logits(p, batch["input_ids"], batch["attention_mask"],
+                              batch.get("decoder_input_ids"), batch.get("decoder_attention_mask"))
+        return masked_nll(logits, batch["labels"], shift=not model.seq2seq)
+
+    grads = jax.grad(loss_of)(model.params)
+    for name in inner:
+        c = captured[name]
+        encoder_tokens = model.names.lookup(name).tokens == "input"
+        mask = batch["attention_mask"] if encoder_tokens else batch["decoder_attention_mask"]
+        np.testing.assert_array_equal(c.token_mask, mask.reshape(-1), err_msg=name)
+        pg = pseudo_gradient(c.layer_inputs, c.output_grads, c.token_mask)
+        ref = get_path(grads, model.names.path(name))
+        rel = float(jnp.linalg.norm(pg - ref) / jnp.linalg.norm(ref))
+        assert rel <= 1e-5, (name, rel)
+
+
+def test_t5_cross_attention_keys_and_values_act_on_encoder_tokens():
+    names = from_config(CONFIGS["t5"](), seed=0).names
+    tokens = {lin: names.lookup(f"decoder.block.0.layer.1.EncDecAttention.{lin}.weight").tokens
+              for lin in "qkvo"}
+    assert tokens == {"q": "decoder", "k": "input", "v": "input", "o": "decoder"}
+    assert names.lookup("encoder.block.0.layer.0.SelfAttention.q.weight").tokens == "input"
+    assert names.lookup("decoder.block.0.layer.2.DenseReluDense.wo.weight").tokens == "decoder"

@@ -218,3 +218,51 @@ def test_a_second_run_never_overwrites_the_first(trained_run):
     assert second == run_dir.parent / f"{run_dir.name}-1"
     assert (second / "results.json").exists()
     assert (run_dir / "results.json").read_bytes() == before
+
+
+def _files(run_dir: Path) -> dict:
+    return {str(p.relative_to(run_dir)): (p.stat().st_mtime_ns, p.stat().st_size)
+            for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+
+
+def test_resume_with_another_config_is_refused_before_anything_is_written(trained_run):
+    from mend_jax.config import ConfigError, load_config
+    from mend_jax.pipeline import train
+
+    run_dir, root = trained_run
+    before = _files(run_dir)
+    # the case: one override left out (the editor rank) on --resume
+    overrides = [o for o in tiny_overrides(run_dir, root / "cache") if "rank" not in o]
+    with pytest.raises(ConfigError) as e:
+        train(load_config(overrides + ["alg.loop.log_every=7"]), resume=True)
+    msg = str(e.value)
+    assert "alg.editor.rank: 16 -> 1920" in msg and "alg.loop.log_every: 5 -> 7" in msg
+    assert "config.yaml" in msg
+    assert _files(run_dir) == before
+
+
+def test_a_second_concurrent_run_fails_with_one_line(trained_run, capsys):
+    import train
+    from mend_jax.runs import run_lock
+
+    run_dir, root = trained_run
+    with run_lock(run_dir):
+        assert train.main(tiny_overrides(run_dir, root / "cache") + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {run_dir} is in use by another run (pid {os.getpid()})")
+    assert err.count("\n") == 1
+    with run_lock(run_dir):  # released again
+        pass
+
+
+def test_resume_logs_to_stderr_and_accumulates_train_time(trained_run, capfd):
+    import train
+
+    run_dir, root = trained_run
+    first = json.loads((run_dir / "results.json").read_text())["_run"]["train_time_s"]
+    assert train.main(tiny_overrides(run_dir, root / "cache") + ["--resume"]) == 0
+    assert "resumed from step 30" in capfd.readouterr().err
+    again = json.loads((run_dir / "results.json").read_text())["_run"]
+    assert again["steps"] == 30
+    # the resumed run trained no further step: its time is the first run's, not ~0
+    assert again["train_time_s"] >= 0.9 * first > 0

@@ -122,6 +122,20 @@ def test_gradient_accumulation_applies_the_mean_every_k_steps():
     assert float(p1[name]) == float(p0[name])      # first micro-step: accumulated only
     assert float(p2[name]) != float(p0[name])      # second: the averaged update is applied
 
+    # Without normalisation statistics both micro-steps see the same gradient g, so their mean
+    # is g and the update is exactly one un-accumulated step's (a sum, 2g, is not: measured
+    # 1.7e-3 apart against 1e-9 for the mean).
+    editor = MEND(model, config=MENDConfig(rank=8, norm=False))
+    params = {}
+    for accumulate in (1, 2):
+        trainer = MetaTrainer(editor, TrainConfig(lr=1e-2, lr_lr=1e-2, accumulate=accumulate))
+        state, step = trainer.init(jax.random.key(0)), jax.jit(trainer.step)
+        for _ in range(accumulate):
+            state, _ = step(state, model.params, batch)
+        params[accumulate] = state["editor"]["params"]
+    for a, b in zip(jax.tree.leaves(params[1]), jax.tree.leaves(params[2])):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-7)
+
 
 def test_edit_on_both_averages_the_outer_and_inner_edit_loss():
     model, batch = tiny_model_and_batch(2)

@@ -16,10 +16,15 @@ from mend_jax.api import evaluate_edit
 from mend_jax.artifacts import write_model_card
 from mend_jax.cli.common import add_source_args, load_source
 from mend_jax.editing import edit_report, format_report
+from mend_jax.errors import cli_main
 from mend_jax.models import save_pretrained
 
 
 def main(argv=None) -> int:
+    return cli_main(run, argv, log_level=logging.WARNING)
+
+
+def run(argv) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add_source_args(p)
     p.add_argument("--prompt", required=True)
@@ -30,8 +35,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-length", type=int, default=None,
                    help="token length of a prompt+target row (default: the editor's)")
     p.add_argument("--save", default=None, help="export the edited model (Hugging Face format)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
     if not args.target.strip():
         p.error("--target must not be empty")
     _, _, src = load_source(p, args)

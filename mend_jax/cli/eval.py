@@ -7,7 +7,6 @@
 """
 
 import argparse
-import logging
 from pathlib import Path
 
 import jax
@@ -15,6 +14,7 @@ import jax
 from mend_jax.cli.common import add_source_args, load_source
 from mend_jax.data import load_requests
 from mend_jax.editors import make_editor
+from mend_jax.errors import cli_main
 from mend_jax.evaluation import (
     evaluate_editor,
     format_by_n_edits,
@@ -41,6 +41,10 @@ def _evaluate_editor_folder(src, requests, methods, n_edits: int, max_length: in
 
 
 def main(argv=None) -> int:
+    return cli_main(run, argv)
+
+
+def run(argv) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add_source_args(p)
     p.add_argument("--split", default=None, help="train/val/test of the run's data")
@@ -57,8 +61,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None,
                    help="JSON output (default RUN/eval_results.json, with --editor "
                         "./eval_results.json)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.editor and not args.data:
         p.error("--editor needs --data (a run folder has its own splits)")
     cfg, prep, src = load_source(p, args)

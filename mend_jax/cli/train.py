@@ -6,24 +6,24 @@
 """
 
 import argparse
-import logging
 import sys
 
-from mend_jax.config import ConfigError, load_config
+from mend_jax.config import load_config
+from mend_jax.errors import cli_main
 from mend_jax.pipeline import print_table, train
 
 
 def main(argv=None) -> int:
+    return cli_main(run, argv)
+
+
+def run(argv) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("overrides", nargs="*", help="config overrides: group=name or a.b.c=value")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.overrides)
     run_dir, results = train(cfg, resume=args.resume)
     print_table(results)
     print(f"results written to {run_dir / 'results.json'}, the editor to {run_dir / 'editor'}")

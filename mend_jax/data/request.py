@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
-class DataError(ValueError):
-    """A data file is malformed; the message names the file, the record and the field."""
+from mend_jax.errors import DataError  # noqa: F401  (re-exported: defined with the others)
 
 
 @dataclass(frozen=True)

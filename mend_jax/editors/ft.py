@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from mend_jax.capture import model_inputs
+from mend_jax.editing import check_edit_batch
 from mend_jax.metrics import loc_mask, locality_kl, masked_nll
 from mend_jax.models.names import get_path, set_path
 
@@ -49,6 +50,7 @@ class FineTune:
     def edit(self, editor_state: dict, model_params: dict, edit_batch) -> dict:
         """k steps on the edit batch (`edit_batch` may be {"edit_inner": ..., "loc": ...})."""
         c, model = self.config, self.model
+        check_edit_batch(model, edit_batch)
         inner_batch = edit_batch.get("edit_inner", edit_batch)
         loc = edit_batch.get("loc") if isinstance(edit_batch, dict) else None
         paths = [model.names.path(n) for n in self.inner_params]

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import jax.scipy.sparse.linalg  # noqa: F401  (jax.scipy.sparse.linalg.cg)
 
 from mend_jax.capture import Captured, capture, pseudo_gradient
+from mend_jax.editing import check_edit_batch
 from mend_jax.models.names import get_path, set_path
 
 
@@ -341,4 +342,5 @@ class MEND:
 
     def edit(self, editor_state: dict, model_params: dict, edit_batch) -> dict:
         """Pure, jit-able edit: one request or k requests at once (their tokens are pooled)."""
+        check_edit_batch(self.model, edit_batch)
         return self.edit_with_stats(editor_state, model_params, edit_batch, train=False)[0]

@@ -16,12 +16,9 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from mend_jax.errors import CheckpointError
 from mend_jax.models.names import NameMap, flatten, get_path, set_path
 from mend_jax.models.registry import Architecture, get_architecture, supported_model_types
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder or file that cannot be loaded as asked."""
 
 
 @dataclass(eq=False)
@@ -169,7 +166,7 @@ def _params_from_tensors(arch, config, tensors, dtype, source) -> dict:
     shapes = jax.eval_shape(module.init, jax.random.key(0), ids, None,
                             ids if arch.seq2seq else None, None)["params"]
     expected = flatten(shapes)
-    missing, unexpected, misshaped = [], [], []
+    missing, unexpected, misshaped, nonfinite = [], [], [], []
     params: dict = {}
     for n in names.names:
         key = n.hf if n.hf in tensors else n.fallback if n.fallback in tensors else None
@@ -185,6 +182,10 @@ def _params_from_tensors(arch, config, tensors, dtype, source) -> dict:
             misshaped.append(f"{n.hf}: got {tuple(tensors[key].shape)}, expected "
                              f"{tuple(n.to_hf(np.zeros(want.shape)).shape) if want else '?'}")
             continue
+        n_bad = _count_nonfinite(leaf)
+        if n_bad:
+            nonfinite.append(f"{key} ({n_bad} of {leaf.size} values)")
+            continue
         params = set_path(params, n.path, jnp.asarray(leaf, dtype=dtype))
     known = set(names.by_hf)
     unexpected = sorted(k for k in tensors if k not in known and not _ignorable(k))
@@ -195,6 +196,8 @@ def _params_from_tensors(arch, config, tensors, dtype, source) -> dict:
         problems.append(f"mis-shaped tensors: {misshaped}")
     if unexpected:
         problems.append(f"unexpected tensors: {unexpected}")
+    if nonfinite:
+        problems.append(f"tensors holding NaN or inf: {nonfinite}")
     if problems:
         raise CheckpointError(f"{source}: " + "; ".join(problems))
     got = set(flatten(params))
@@ -202,6 +205,12 @@ def _params_from_tensors(arch, config, tensors, dtype, source) -> dict:
     if absent:
         raise CheckpointError(f"{source}: no tensor for parameters {absent}")
     return params
+
+
+def _count_nonfinite(array) -> int:
+    if not jnp.issubdtype(array.dtype, jnp.inexact):
+        return 0
+    return int(np.size(array) - np.count_nonzero(np.isfinite(np.asarray(array, np.float32))))
 
 
 def _ignorable(name: str) -> bool:

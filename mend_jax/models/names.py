@@ -13,11 +13,19 @@ from typing import Any
 
 import numpy as np
 
+from mend_jax.errors import UnknownNameError
+
 # How a Hugging Face tensor is laid out relative to our pytree leaf.
 #   "linear": torch nn.Linear weight [d_out, d_in] -> our kernel [d_in, d_out] (transposed)
 #   "conv1d": GPT-2 Conv1D weight, already [d_in, d_out]
 #   "same":   embeddings, norms, biases: identical layout
 LAYOUTS = ("linear", "conv1d", "same")
+
+# Which token stream a weight acts on, and the batch mask that says which of its tokens are real.
+#   "input":   the tokens of `input_ids` (every weight of a decoder-only model; a T5 encoder's
+#              weights and the decoder's cross-attention k/v, which read the encoder's output)
+#   "decoder": the tokens of `decoder_input_ids` (the rest of a T5 decoder)
+TOKEN_MASKS = {"input": "attention_mask", "decoder": "decoder_attention_mask"}
 
 
 @dataclass(frozen=True)
@@ -28,6 +36,17 @@ class ParamName:
     optional: bool = False       # may be absent from a checkpoint (tied lm_head)
     tied_to: str | None = None   # HF name whose value this one repeats when exported
     fallback: str | None = None  # HF name read instead when this one is absent (tied on save)
+    tokens: str = "input"        # the token stream it acts on, a key of TOKEN_MASKS
+
+    def __post_init__(self):
+        if self.tokens not in TOKEN_MASKS:
+            raise ValueError(f"{self.hf}: tokens must be one of {sorted(TOKEN_MASKS)}, "
+                             f"got {self.tokens!r}")
+
+    @property
+    def mask_key(self) -> str:
+        """The batch key of the mask over the tokens this weight acts on."""
+        return TOKEN_MASKS[self.tokens]
 
     def to_leaf(self, array: np.ndarray) -> np.ndarray:
         return array.T if self.layout == "linear" else array
@@ -52,7 +71,7 @@ class NameMap:
         if hf_name in self.by_hf:
             return self.by_hf[hf_name]
         close = difflib.get_close_matches(hf_name, list(self.by_hf), n=5, cutoff=0.5)
-        raise KeyError(
+        raise UnknownNameError(
             f"unknown parameter name {hf_name!r}; closest valid names: {close or 'none'}"
         )
 

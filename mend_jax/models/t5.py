@@ -269,6 +269,14 @@ def _module(config: T5Config, dtype=jnp.float32, remat: bool = False) -> nn.Modu
     return T5ForConditionalGeneration(config, dtype, remat)
 
 
+def _tokens(stack: str, attn: str = "", lin: str = "") -> str:
+    """The token stream a weight acts on: cross-attention keys and values read the encoder's
+    output, so they act on encoder tokens although they live in the decoder."""
+    if stack == "encoder" or (attn == "EncDecAttention" and lin in ("k", "v")):
+        return "input"
+    return "decoder"
+
+
 def param_names(c: T5Config) -> list[ParamName]:
     shared = "shared.weight"
     names = [
@@ -280,7 +288,8 @@ def param_names(c: T5Config) -> list[ParamName]:
         ParamName("decoder.embed_tokens.weight", ("shared", "embedding"), optional=True,
                   tied_to=shared),
         ParamName("encoder.final_layer_norm.weight", ("encoder", "final_layer_norm", "scale")),
-        ParamName("decoder.final_layer_norm.weight", ("decoder", "final_layer_norm", "scale")),
+        ParamName("decoder.final_layer_norm.weight", ("decoder", "final_layer_norm", "scale"),
+                  tokens="decoder"),
         # Original T5 checkpoints carry an unused cross-attention bias table (transformers
         # ignores it on load); naming it as an optional tie lets loading skip it, never export it.
         ParamName("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",
@@ -294,7 +303,7 @@ def param_names(c: T5Config) -> list[ParamName]:
     else:
         # transformers 5 saves a v1.1 model whose head it kept tied without lm_head.weight
         names.append(ParamName("lm_head.weight", ("lm_head", "kernel"), "linear",
-                               fallback="shared.weight"))
+                               fallback="shared.weight", tokens="decoder"))
     ff_lins = ("wi_0", "wi_1", "wo") if c.is_gated_act else ("wi", "wo")
     for stack, n in (("encoder", c.num_layers), ("decoder", c.num_decoder_layers)):
         layers = [(0, "SelfAttention")] + ([(1, "EncDecAttention")] if stack == "decoder" else [])
@@ -304,9 +313,11 @@ def param_names(c: T5Config) -> list[ParamName]:
             for j, attn in layers:
                 for lin in ("q", "k", "v", "o"):
                     names.append(ParamName(f"{hf}.layer.{j}.{attn}.{lin}.weight",
-                                           p + (f"layer_{j}", attn, lin, "kernel"), "linear"))
+                                           p + (f"layer_{j}", attn, lin, "kernel"), "linear",
+                                           tokens=_tokens(stack, attn, lin)))
                 names.append(ParamName(f"{hf}.layer.{j}.layer_norm.weight",
-                                       p + (f"layer_{j}", "layer_norm", "scale")))
+                                       p + (f"layer_{j}", "layer_norm", "scale"),
+                                       tokens=_tokens(stack)))
             if i == 0:
                 names.append(ParamName(
                     f"{hf}.layer.0.SelfAttention.relative_attention_bias.weight",
@@ -314,9 +325,10 @@ def param_names(c: T5Config) -> list[ParamName]:
             for lin in ff_lins:
                 names.append(ParamName(f"{hf}.layer.{ff}.DenseReluDense.{lin}.weight",
                                        p + (f"layer_{ff}", "DenseReluDense", lin, "kernel"),
-                                       "linear"))
+                                       "linear", tokens=_tokens(stack)))
             names.append(ParamName(f"{hf}.layer.{ff}.layer_norm.weight",
-                                   p + (f"layer_{ff}", "layer_norm", "scale")))
+                                   p + (f"layer_{ff}", "layer_norm", "scale"),
+                                   tokens=_tokens(stack)))
     return names
 
 
