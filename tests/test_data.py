@@ -625,3 +625,15 @@ def test_error_nq_loc_file(tmp_path):
         load_zsre_mend(FIXTURES / "zsre_mend.jsonl", loc_path=nq)
     msg = str(e.value)
     assert str(nq) in msg and "record 1" in msg and "line 2" in msg and "'answer'" in msg
+
+
+def test_a_target_with_an_unknown_word_is_refused():
+    from mend_jax.data import build_word_tokenizer, tokenize_pairs
+    from mend_jax.errors import EditError
+
+    tok = build_word_tokenizer(["The capital of France is Paris"])
+    ok = tokenize_pairs(tok, ["The capital of France is"], ["Paris"], seq2seq=False,
+                        max_length=8)
+    assert (ok["labels"] != -100).sum() == 1
+    with pytest.raises(EditError, match="'Lyon'.*unknown token"):
+        tokenize_pairs(tok, ["The capital of France is"], ["Lyon"], seq2seq=False, max_length=8)

@@ -69,8 +69,9 @@ def test_meta_training_raises_held_out_edit_success():
         state, metrics = step(state, model.params, batch)
     after = evaluate(state["editor"], model.params, held_out)
     assert float(before["edit_acc"]) < 0.2
-    assert float(after["edit_acc"]) >= float(before["edit_acc"]) + 0.5
-    assert float(after["locality_kl"]) < 0.1
+    # measured: 0.016 -> 1.00, locality KL 0.0215 (README)
+    assert float(after["edit_acc"]) >= 0.95
+    assert float(after["locality_kl"]) < 0.04
     assert int(state["n_skipped"]) == 0
 
 

@@ -1,6 +1,6 @@
 """Apply one edit with a trained editor and show the model before and after.
 
-    mend-edit runs/default --prompt "The capital of France is" --target "Lyon" \
+    mend-edit runs/default --prompt "The capital of France is" --target "Madrid" \
         --rephrase "France's capital city is" --neighbor "The capital of Spain is" \
         --save edited_model/
     mend-edit --editor runs/default/editor --model runs/default/base_model --prompt ... --target ...

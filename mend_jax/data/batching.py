@@ -66,9 +66,15 @@ def _pad_id(tokenizer: Any) -> int:
     return pad
 
 
-def _check_target(ids: list[int], i: int, target: str) -> None:
+def _check_target(ids: list[int], i: int, target: str, unk: int | None = None) -> None:
     if not ids:
         raise ValueError(f"pair {i}: target {target!r} tokenises to nothing")
+    if unk is not None and unk in ids:
+        # An edit toward the unknown token would be reported as an edit toward the target.
+        from mend_jax.errors import EditError
+
+        raise EditError(f"pair {i}: target {target!r} contains a word the tokenizer does not "
+                        f"know (it encodes to the unknown token)")
 
 
 def _decoder_only(
@@ -84,7 +90,7 @@ def _decoder_only(
     prompt_ids = _ids(tokenizer, prompts, True)
     target_ids = _ids(tokenizer, [" " + t for t in targets], False)
     for i, (p, t) in enumerate(zip(prompt_ids, target_ids, strict=True)):
-        _check_target(t, i, targets[i])
+        _check_target(t, i, targets[i], getattr(tokenizer, "unk_token_id", None))
         if eos:
             t = t + [tokenizer.eos_token_id]
         t = t[: max_length - 1]  # keep at least one prompt token to condition on
@@ -127,7 +133,7 @@ def _seq2seq(
     for i, (p, t) in enumerate(
         zip(_ids(tokenizer, prompts, True), _ids(tokenizer, targets, False), strict=True)
     ):
-        _check_target(t, i, targets[i])
+        _check_target(t, i, targets[i], getattr(tokenizer, "unk_token_id", None))
         if eos is not None:
             t = t + [eos]
         if len(p) > max_length:
