@@ -283,13 +283,6 @@ class MEND:
                 d = apply_idmlp(nets["delta"], d, mode, cfg)
         return u * m[:, None], d * m[:, None]
 
-    def updated_stats(self, stats: dict, captured: Mapping[str, Captured]) -> dict:
-        """Running statistics after seeing this edit's counted tokens (what training does)."""
-        stats = dict(stats)
-        for name in self.layout.inner_params:
-            stats = self._merge(stats, name, captured[name])
-        return stats
-
     def _merge(self, stats: dict, name: str, cap: Captured) -> dict:
         group = self.layout.groups[self.layout.inner_params.index(name)]
         return {**stats, group: update_stats(stats[group],
@@ -322,12 +315,6 @@ class MEND:
             w = get_path(model_params, path)
             new = set_path(new, path, (w.astype(jnp.float32) - update).astype(w.dtype))
         return new
-
-    def apply_captured(self, params: dict, stats: dict, model_params: dict,
-                       captured: Mapping[str, Captured]) -> dict:
-        """W' = W − α_ℓ Σ_t δ̃_t ũ_tᵀ for every edited weight, with frozen statistics."""
-        return self.apply_updates(model_params,
-                                  self.pseudo_gradients(params, stats, captured)[0])
 
     def edit_with_stats(self, editor_state: dict, model_params: dict, edit_batch,
                         train: bool = False) -> tuple[dict, dict, jax.Array]:
