@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from mend_jax.metrics import masked_nll
+from mend_jax.metrics import IGNORE, masked_nll
 from mend_jax.models.common import Linear
 from mend_jax.models.names import ParamName
 
@@ -27,15 +27,18 @@ OUTPUT_GRADS = "output_grads"
 
 @dataclass(frozen=True)
 class Captured:
-    """Per edited weight: token-flattened inputs, output gradients and the real-token mask."""
+    """Per edited weight: token-flattened inputs, output gradients, the real-token mask and the
+    answer-token mask (positions whose output predicts a target token; MALMEN's `token: ans`)."""
 
     layer_inputs: Float[Array, "tokens d_in"]
     output_grads: Float[Array, "tokens d_out"]
     token_mask: Float[Array, "tokens"]  # noqa: F821 (a jaxtyping dimension, not a name)
+    answer_mask: Float[Array, "tokens"] | None = None  # noqa: F821
 
 
 jax.tree_util.register_dataclass(
-    Captured, data_fields=["layer_inputs", "output_grads", "token_mask"], meta_fields=[]
+    Captured, data_fields=["layer_inputs", "output_grads", "token_mask", "answer_mask"],
+    meta_fields=[]
 )
 
 
@@ -61,6 +64,19 @@ def token_mask_for(param: ParamName, batch: Mapping[str, jax.Array]) -> jax.Arra
     """Which captured tokens of a weight are real: the mask of the token stream it acts on (the
     name map says which: a T5 decoder's cross-attention k/v act on encoder tokens)."""
     return batch[param.mask_key]
+
+
+def answer_mask_for(model, param: ParamName, batch: Mapping[str, jax.Array]) -> jax.Array:
+    """The tokens whose output predicts a target token: for a decoder-only model the position
+    before each labelled one, for a seq2seq decoder the labelled positions; a seq2seq encoder
+    has no answer positions of its own, so all its real tokens count (as MALMEN)."""
+    labels = batch["labels"]
+    if not model.seq2seq:
+        nxt = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE)], 1)
+        return (nxt != IGNORE) & (batch["attention_mask"] > 0)
+    if param.tokens == "decoder":
+        return labels != IGNORE
+    return token_mask_for(param, batch) > 0
 
 
 def capture(
@@ -103,11 +119,14 @@ def capture(
     for path, name in by_module.items():
         u = _get(intermediates, path)[INPUTS][0]
         d = _get(grads, path)[OUTPUT_GRADS]
-        mask = token_mask_for(model.names.lookup(name), batch)
+        param = model.names.lookup(name)
+        mask = token_mask_for(param, batch)
         captured[name] = Captured(
             layer_inputs=u.reshape(-1, u.shape[-1]),       # B*T d_in
             output_grads=d.reshape(-1, d.shape[-1]),       # B*T d_out
             token_mask=mask.reshape(-1).astype(jnp.float32),
+            answer_mask=(answer_mask_for(model, param, batch).reshape(-1).astype(jnp.float32)
+                         if "labels" in batch else None),
         )
     return loss, captured, logits
 

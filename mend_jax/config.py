@@ -148,6 +148,12 @@ def _dataclass_sections() -> dict[str, type]:
             "alg.baselines.*": FTConfig}
 
 
+def _BASELINE_SCHEMAS() -> dict[str, type]:  # noqa: N802 (a table, built lazily)
+    from mend_jax.editors import UltraEditConfig
+
+    return {"ultraedit": UltraEditConfig}
+
+
 def _field_types(annotation) -> tuple | None:
     """(int,), (float, None), ... from a dataclass annotation ("int | None"); None if unknown."""
     names = annotation.split("|") if isinstance(annotation, str) else [annotation.__name__]
@@ -245,7 +251,8 @@ def validate_config(cfg: dict) -> dict:
                 if method not in METHODS:
                     raise ConfigError(f"{section[:-2]}.{method}: unknown method; choose from "
                                       f"{list(METHODS)}")
-                _check_section(f"{section[:-2]}.{method}", values or {}, schema)
+                _check_section(f"{section[:-2]}.{method}", values or {},
+                               _BASELINE_SCHEMAS().get(method, schema))
             continue
         present, values = _lookup(cfg, section)
         if present:

@@ -290,6 +290,109 @@ def evaluate_editor(
     return result
 
 
+def _edit_fn(editor) -> Callable:
+    """Jitted (state, params, batch) -> (new params, new state): stateful editors (UltraEdit's
+    lifelong statistics) carry their state from one edit call to the next, others keep it."""
+    if getattr(editor, "stateful", False):
+        return jax.jit(editor.edit_and_update)
+    return jax.jit(lambda state, params, batch: (editor.edit(state, params, batch), state))
+
+
+def evaluate_sequential(
+    model,
+    editor,
+    editor_state,
+    model_params,
+    requests: Sequence[EditRequest],
+    tokenizer,
+    *,
+    n_edits: int,
+    n_batches: int,
+    max_length: int,
+    batch_size: int | None = None,
+    seed: int | None = 0,
+    max_target_length: int | None = None,
+) -> dict[str, Any]:
+    """Lifelong editing: T = `n_batches` batches of k = `n_edits` requests, each edited into the
+    model the previous batch produced; then every edit so far is measured again.
+
+    Returns `evaluate_editor`'s keys measured on the final model over all T·k edits (edit
+    success and generality retained; drawdown, KL and neighbourhood accuracy against the base
+    model), plus `n_batches` and `retained_curve`: the edit success over the edits made so far,
+    after each batch.
+    """
+    if n_edits < 1 or n_batches < 1:
+        raise ValueError(f"n_edits and n_batches must be >= 1, got {n_edits}, {n_batches}")
+    requests = list(requests)
+    if seed is not None:
+        requests = [requests[i] for i in np.random.default_rng(seed).permutation(len(requests))]
+    total = n_edits * n_batches
+    if len(requests) < total:
+        raise ValueError(f"--sequential {n_batches} x {n_edits} edits needs {total} requests, "
+                         f"only {len(requests)} to evaluate")
+    requests = requests[:total]
+    batches, weights = _prepare(requests, tokenizer, n_edits, seq2seq=model.seq2seq,
+                                max_length=max_length, max_target_length=max_target_length)
+    check_edit_batch(model, batches)
+    groups = [jax.tree.map(lambda x, g=g: x[g], batches) for g in range(n_batches)]
+    edit = _edit_fn(editor)
+    correct = jax.jit(lambda p, rows: _chunked(lambda r: _post_stats(model, p, r), rows,
+                                               batch_size)["correct_post"])
+    params, state, curve, start = model_params, editor_state, [], time.perf_counter()
+    for t, group in enumerate(groups):
+        params, state = edit(state, params, _edit_batch(editor, group))
+        # Retained edit success over every edit made so far (one fixed-shape pass: rows of
+        # later batches are measured too and dropped here, so there is a single compile).
+        ok = np.asarray(correct(params, _flat(batches["edit_inner"])))
+        curve.append(float(ok[: (t + 1) * n_edits].mean()))
+    edit_time = (time.perf_counter() - start) / n_batches
+    flat = {kind: _flat(b) for kind, b in batches.items()}
+    paired_kinds = ("edit_inner", "loc") + (("neighborhood",) if "neighborhood" in flat else ())
+    measure = jax.jit(lambda p, rows: _chunked(
+        lambda r: _paired_stats(model, model_params, p, r), rows, batch_size))
+    cat = {kind: jax.device_get(measure(params, flat[kind])) for kind in paired_kinds}
+    post = jax.jit(lambda p, rows: _chunked(lambda r: _post_stats(model, p, r), rows,
+                                            batch_size))
+    for kind in _PROBES:
+        if kind in flat and kind not in cat:
+            cat[kind] = jax.device_get(post(params, flat[kind]))
+
+    def probe(kind, key="correct_post"):
+        if kind not in cat or kind not in weights:
+            return None
+        return _probe_accuracy(np.asarray(cat[kind][key]), weights[kind])
+
+    inner, loc = cat["edit_inner"], cat["loc"]
+    edit_success = float(np.mean(inner["correct_post"]))
+    generality = probe("edit_outer")
+    acc_pre, acc_post = float(np.mean(loc["correct_pre"])), float(np.mean(loc["correct_post"]))
+    return {
+        "edit_success": edit_success,
+        "generality": generality,
+        "drawdown": acc_pre - acc_post,
+        "locality_kl": float(np.sum(loc["kl_sum"]) / max(float(np.sum(loc["kl_count"])), 1.0)),
+        "loc_acc_pre": acc_pre,
+        "loc_acc_post": acc_post,
+        "neighborhood_acc": probe("neighborhood"),
+        "neighborhood_acc_pre": probe("neighborhood", "correct_pre"),
+        "pre_edit_success": float(np.mean(inner["correct_pre"])),
+        "n_edits": n_edits,
+        "n_batches": n_batches,
+        "n_examples": total,
+        "edit_time_s": edit_time,
+        "retained_curve": curve,
+        "reliability": edit_success,
+        "generalization": generality,
+        "locality": float(np.mean(loc["unchanged"])),
+        "portability": probe("portability"),
+    }
+
+
+def _flat(batch: dict) -> dict:
+    """[G, rows, L] -> [G*rows, L]."""
+    return {k: v.reshape(-1, *v.shape[2:]) for k, v in batch.items()}
+
+
 def evaluate_methods(
     model, editors: Mapping[str, tuple[Any, Any]], model_params, requests, tokenizer, **kw
 ) -> dict[str, dict[str, Any]]:
@@ -353,6 +456,31 @@ def plot_vs_n_edits(results_by_n: Mapping[int, Mapping[str, Mapping[str, Any]]],
         ax.set_title(title)
         ax.grid(alpha=0.3)
     fig.axes[0].legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def plot_sequential(results_by_n: Mapping[int, Mapping[str, Mapping[str, Any]]],
+                    path: str | Path) -> Path:
+    """PNG of the retained edit success after each sequential batch, one line per method."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6 * len(results_by_n), 3.6))
+    FigureCanvasAgg(fig)
+    for i, (k, results) in enumerate(sorted(results_by_n.items())):
+        ax = fig.add_subplot(1, len(results_by_n), i + 1)
+        for method, r in results.items():
+            curve = r.get("retained_curve") or []
+            ax.plot([(t + 1) * k for t in range(len(curve))], curve, marker="o", label=method)
+        ax.set_xlabel(f"edits made (batches of {k})")
+        ax.set_ylabel("retained edit success")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

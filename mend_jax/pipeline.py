@@ -32,7 +32,7 @@ from mend_jax.data import (
     write_benchmark,
 )
 from mend_jax.editors import MEND, MENDConfig, make_editor
-from mend_jax.evaluation import evaluate_editor, format_table
+from mend_jax.evaluation import evaluate_editor, evaluate_sequential, format_table
 from mend_jax.loop import LoopConfig, train_editor
 from mend_jax.models import Model, load_pretrained, save_pretrained
 from mend_jax.runs import run_lock, write_or_check_config
@@ -41,7 +41,7 @@ from mend_jax.training import MetaTrainer, TrainConfig
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-METHODS = ("mend", "untrained", "ft", "ft_l", "ft_kl")
+METHODS = ("mend", "untrained", "ultraedit", "ft", "ft_l", "ft_kl")
 
 
 @dataclass
@@ -151,8 +151,9 @@ def build_mend(cfg: dict, model: Model) -> MEND:
 
 def evaluate_all(cfg: dict, prep: Prepared, mend: MEND, editor_state: dict, *,
                  methods=None, requests=None, n_edits: int | None = None,
-                 progress: bool = False) -> dict:
-    """Held-out metrics of every method on the same requests."""
+                 progress: bool = False, sequential: int | None = None) -> dict:
+    """Held-out metrics of every method on the same requests; with `sequential` = T, T batches
+    of `n_edits` edits applied one after another (`evaluate_sequential`)."""
     ecfg = cfg["eval"]
     methods = list(methods or ecfg["methods"])
     requests = list(requests if requests is not None else prep.splits[ecfg["split"]])
@@ -173,10 +174,15 @@ def evaluate_all(cfg: dict, prep: Prepared, mend: MEND, editor_state: dict, *,
             editor = make_editor(method, model, names, **opts)
             state = editor.init(None)
         t = time.time()
-        results[method] = evaluate_editor(
-            model, editor, state, model.params, requests, prep.tokenizer, n_edits=n_edits,
-            max_length=cfg["model"]["max_length"], seed=cfg["seed"], progress=progress,
-            perplexity=cfg["data"]["format"] == "wikitext")
+        if sequential:
+            results[method] = evaluate_sequential(
+                model, editor, state, model.params, requests, prep.tokenizer, n_edits=n_edits,
+                n_batches=sequential, max_length=cfg["model"]["max_length"], seed=cfg["seed"])
+        else:
+            results[method] = evaluate_editor(
+                model, editor, state, model.params, requests, prep.tokenizer, n_edits=n_edits,
+                max_length=cfg["model"]["max_length"], seed=cfg["seed"], progress=progress,
+                perplexity=cfg["data"]["format"] == "wikitext")
         log.info("%s evaluated in %.1fs", method, time.time() - t)
     return results
 

@@ -140,3 +140,46 @@ def test_t5_cross_attention_keys_and_values_act_on_encoder_tokens():
     assert tokens == {"q": "decoder", "k": "input", "v": "input", "o": "decoder"}
     assert names.lookup("encoder.block.0.layer.0.SelfAttention.q.weight").tokens == "input"
     assert names.lookup("decoder.block.0.layer.2.DenseReluDense.wo.weight").tokens == "decoder"
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "t5"])
+def test_answer_mask_marks_the_positions_that_predict_targets(arch):
+    """MALMEN's `token: ans`: a decoder-only model's answer tokens are those right before each
+    labelled position; a seq2seq decoder's are the labelled ones, its encoder's every token."""
+    model = from_config(CONFIGS[arch](), seed=1)
+    if model.seq2seq:
+        batch = seq2seq_batch(61, [7, 4, 9], [5, 3, 6])
+        enc = next(n for n in model.default_inner_params() if n.startswith("encoder"))
+        dec = next(n for n in model.default_inner_params() if n.startswith("decoder"))
+        _, cap, _ = capture(model, model.params, batch, [enc, dec])
+        np.testing.assert_array_equal(np.asarray(cap[dec].answer_mask),
+                                      (np.asarray(batch["labels"]) != -100).reshape(-1))
+        np.testing.assert_array_equal(np.asarray(cap[enc].answer_mask),
+                                      np.asarray(batch["attention_mask"]).reshape(-1))
+        return
+    batch = decoder_batch(61, [7, 4, 9])
+    name = model.default_inner_params()[0]
+    _, cap, _ = capture(model, model.params, batch, [name])
+    want = np.zeros((3, 9), bool)
+    for i, n in enumerate([7, 4, 9]):
+        want[i, 2:n - 1] = True           # labels at 3..n-1 are predicted from 2..n-2
+    np.testing.assert_array_equal(np.asarray(cap[name].answer_mask).astype(bool), want.reshape(-1))
+
+
+def test_answer_token_editor_sums_over_answer_tokens_only():
+    from mend_jax.editors.mend import MEND, MENDConfig
+
+    model = from_config(CONFIGS["gpt2"](), seed=1)
+    name = "transformer.h.0.mlp.c_fc.weight"  # an early layer: δ is non-zero on prompt tokens
+    batch = decoder_batch(61, [7, 4, 9])
+    _, cap, _ = capture(model, model.params, batch, [name])
+    u, d = np.asarray(cap[name].layer_inputs), np.asarray(cap[name].output_grads)
+    ans = np.asarray(cap[name].answer_mask) > 0
+    real = np.asarray(cap[name].token_mask) > 0
+    assert (real & ~ans & (np.abs(d).sum(-1) > 0)).any()  # prompt tokens the option drops
+    for tokens, sel in (("all", real), ("answer", ans)):
+        editor = MEND(model, [name], MENDConfig(norm=False, edit_lr=1.0, tokens=tokens))
+        new = editor.edit(editor.init(jax.random.key(0)), model.params, batch)
+        path = model.names.path(name)
+        got = np.asarray(get_path(model.params, path) - get_path(new, path))
+        np.testing.assert_allclose(got, u[sel].T @ d[sel], rtol=1e-4, atol=1e-6)

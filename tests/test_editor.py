@@ -169,8 +169,9 @@ def test_ridge_solve_gradients_match_finite_differences():
 
 
 def test_lstsq_editor_fits_the_edit_keys(model):
-    """With a tiny λ and norm off, the fresh lstsq editor's update maps each selected key u_t
-    to α·δ_t (least squares over more unknowns than tokens: an exact fit)."""
+    """With a tiny λ and norm off, the fresh (identity) lstsq editor's update maps each selected
+    raw key u_t to its own MEND shift α·(u_t·u_t)·δ_t (least squares over more unknowns than
+    tokens: an exact fit), as MALMEN's solve."""
     from mend_jax.capture import capture
 
     name = "transformer.h.2.mlp.c_fc.weight"
@@ -184,7 +185,8 @@ def test_lstsq_editor_fits_the_edit_keys(model):
     _, cap, _ = capture(model, model.params, batch, [name])
     u, d = np.asarray(cap[name].layer_inputs), np.asarray(cap[name].output_grads)
     sel = (np.abs(d).sum(-1) > 0) & (np.asarray(cap[name].token_mask) > 0)
-    np.testing.assert_allclose(u[sel] @ np.asarray(delta_w), d[sel], atol=1e-3 * np.abs(d).max())
+    want = (u[sel] * u[sel]).sum(-1, keepdims=True) * d[sel]
+    np.testing.assert_allclose(u[sel] @ np.asarray(delta_w), want, atol=1e-3 * np.abs(want).max())
     # λ is meta-trained with the step sizes (lr_lr)
     from mend_jax.training import MetaTrainer, TrainConfig
 

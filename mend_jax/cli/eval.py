@@ -2,6 +2,9 @@
 
     mend-eval runs/default                          # the run's test split
     mend-eval runs/default --n-edits 1 5 25 --plot  # batched edits, plot vs k
+    mend-eval runs/default --n-edits 100 --sequential 10 --methods mend ultraedit ft
+                                                    # lifelong: 10 batches of 100, one after
+                                                    # another; retained ES after each batch
     mend-eval runs/default --data path.json --format counterfact
     mend-eval --editor runs/default/editor --model runs/default/base_model --data path.json
 """
@@ -17,14 +20,17 @@ from mend_jax.editors import make_editor
 from mend_jax.errors import cli_main
 from mend_jax.evaluation import (
     evaluate_editor,
+    evaluate_sequential,
     format_by_n_edits,
     format_table,
+    plot_sequential,
     plot_vs_n_edits,
 )
 from mend_jax.pipeline import METHODS, evaluate_all, write_results
 
 
-def _evaluate_editor_folder(src, requests, methods, n_edits: int, max_length: int) -> dict:
+def _evaluate_editor_folder(src, requests, methods, n_edits: int, max_length: int,
+                            sequential: int | None = None) -> dict:
     """Every method on `requests`, the baselines with their default options."""
     results = {}
     for method in methods:
@@ -35,8 +41,14 @@ def _evaluate_editor_folder(src, requests, methods, n_edits: int, max_length: in
         else:
             editor = make_editor(method, src.model, list(src.editor.layout.inner_params))
             state = editor.init(None)
-        results[method] = evaluate_editor(src.model, editor, state, src.model.params, requests,
-                                          src.tokenizer, n_edits=n_edits, max_length=max_length)
+        if sequential:
+            results[method] = evaluate_sequential(
+                src.model, editor, state, src.model.params, requests, src.tokenizer,
+                n_edits=n_edits, n_batches=sequential, max_length=max_length)
+        else:
+            results[method] = evaluate_editor(src.model, editor, state, src.model.params,
+                                              requests, src.tokenizer, n_edits=n_edits,
+                                              max_length=max_length)
     return results
 
 
@@ -53,7 +65,10 @@ def run(argv) -> int:
     p.add_argument("--n-edits", type=int, nargs="+", default=None,
                    help="simultaneous edits per edit call (several values: one table each)")
     p.add_argument("--methods", nargs="+", default=None, choices=METHODS,
-                   help="mend untrained ft ft_l ft_kl (with --editor: default mend)")
+                   help="mend untrained ultraedit ft ft_l ft_kl (with --editor: default mend)")
+    p.add_argument("--sequential", type=int, default=None, metavar="T",
+                   help="lifelong editing: T batches of --n-edits edits, each applied to the "
+                        "model the previous one produced; reports what is retained at the end")
     p.add_argument("--max-examples", type=int, default=None)
     p.add_argument("--max-length", type=int, default=None,
                    help="with --editor: token length of a row (default: the editor's)")
@@ -78,12 +93,22 @@ def run(argv) -> int:
     for k in args.n_edits or [cfg["eval"]["n_edits"] if cfg else 1]:
         if cfg is not None:
             by_n[k] = evaluate_all(cfg, prep, src.editor, src.state, methods=args.methods,
-                                   requests=requests, n_edits=k)
+                                   requests=requests, n_edits=k, sequential=args.sequential)
         else:
             by_n[k] = _evaluate_editor_folder(src, requests, args.methods or ["mend"], k,
-                                              args.max_length or src.max_length or 64)
-        print(f"\n{k} simultaneous edit(s), {args.data or cfg['eval']['split']}:")
+                                              args.max_length or src.max_length or 64,
+                                              sequential=args.sequential)
+        where = args.data or cfg["eval"]["split"]
+        if args.sequential:
+            print(f"\n{args.sequential} sequential batches of {k} edit(s), {where}; "
+                  "every edit re-measured on the final model:")
+        else:
+            print(f"\n{k} simultaneous edit(s), {where}:")
         print(format_table(by_n[k]))
+        if args.sequential:
+            for method, r in by_n[k].items():
+                print(f"  retained ES after each batch, {method}: "
+                      + " ".join(f"{v:.3f}" for v in r["retained_curve"]))
     out = Path(args.out) if args.out else (Path(args.run_dir) / "eval_results.json"
                                            if args.run_dir else Path("eval_results.json"))
     single = len(by_n) == 1
@@ -94,7 +119,10 @@ def run(argv) -> int:
     write_results(out, next(iter(by_n.values())) if single
                   else {str(k): v for k, v in by_n.items()})
     print(f"results written to {out}")
-    if args.plot:
+    if args.plot and args.sequential:
+        png = plot_sequential(by_n, out.with_suffix(".png"))
+        print(f"plot written to {png}")
+    elif args.plot:
         png = plot_vs_n_edits(by_n, out.with_suffix(".png"))
         print(f"plot written to {png}")
     return 0

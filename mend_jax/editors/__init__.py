@@ -6,14 +6,19 @@ Every editor has `init(key) -> state` and a pure, jit-able
 
 from mend_jax.editors.ft import FineTune, FTConfig
 from mend_jax.editors.mend import MEND, MENDConfig
+from mend_jax.editors.ultraedit import UltraEdit, UltraEditConfig
 
-__all__ = ["MEND", "FTConfig", "FineTune", "MENDConfig", "make_editor"]
+__all__ = ["MEND", "FTConfig", "FineTune", "MENDConfig", "UltraEdit", "UltraEditConfig",
+           "make_editor"]
 
 
 def make_editor(name: str, model, inner_params=None, **options):
-    """Build an editor by name: "mend", "ft", "ft_l" (L∞-bounded), "ft_kl"."""
+    """Build an editor by name: "mend", "ultraedit" (training-free), "ft", "ft_l" (L∞-bounded),
+    "ft_kl"."""
     if name == "mend":
         return MEND(model, inner_params, MENDConfig(**options))
+    if name == "ultraedit":
+        return UltraEdit(model, inner_params, UltraEditConfig(**options))
     if name == "ft":
         return FineTune(model, inner_params, FTConfig(**options))
     if name == "ft_l":
@@ -22,4 +27,4 @@ def make_editor(name: str, model, inner_params=None, **options):
     if name == "ft_kl":
         options.setdefault("c_loc", 1.0)
         return FineTune(model, inner_params, FTConfig(**options))
-    raise ValueError(f"unknown editor {name!r}; choose mend, ft, ft_l or ft_kl")
+    raise ValueError(f"unknown editor {name!r}; choose mend, ultraedit, ft, ft_l or ft_kl")

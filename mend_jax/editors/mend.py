@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
-import jax.scipy.sparse.linalg  # noqa: F401  (jax.scipy.sparse.linalg.cg)
+import jax.scipy.linalg  # noqa: F401  (cho_factor / cho_solve)
 
 from mend_jax.capture import Captured, capture, pseudo_gradient
 from mend_jax.editing import check_edit_batch
@@ -38,10 +38,14 @@ class MENDConfig:
     edit_lr: float = 1e-4         # initial per-layer step size α
     norm_eps: float = 1e-7
     # How the k edits' per-token terms become one update: "sum" (MEND: Σ_t ũ_t δ̃_tᵀ) or
-    # "lstsq" (MALMEN: the ridge solution (KᵀK + e^λ I)⁻¹ KᵀD with K the stacked ũ, D the
-    # stacked δ̃, λ learned per weight), which stops the terms of many edits from interfering.
+    # "lstsq" (MALMEN: every token's own MEND shift of its layer output, v_t = (u_t·ũ_t) δ̃_t,
+    # is demanded of the raw keys u_t at once by the ridge solution (UᵀU + e^λ I)⁻¹ UᵀV, λ
+    # learned per weight), which stops the terms of many edits from interfering.
     aggregate: str = "sum"
     init_log_lambda: float = 0.0  # initial λ of `aggregate: lstsq` (log scale)
+    # Which tokens the editor sees: "all" real tokens (MEND) or "answer" tokens only, the
+    # positions whose output predicts a target token (MALMEN's `token: ans`).
+    tokens: str = "all"
 
     def __post_init__(self):
         if sum([self.combine, self.one_sided, self.x_only, self.delta_only]) > 1:
@@ -52,6 +56,8 @@ class MENDConfig:
             raise ValueError(f"act must be one of {sorted(_ACTS)}, got {self.act!r}")
         if self.aggregate not in ("sum", "lstsq"):
             raise ValueError(f"aggregate must be 'sum' or 'lstsq', got {self.aggregate!r}")
+        if self.tokens not in ("all", "answer"):
+            raise ValueError(f"tokens must be 'all' or 'answer', got {self.tokens!r}")
 
 
 def _clamp_relu(x):
@@ -130,41 +136,42 @@ def update_stats(stats: dict, u: jax.Array, d: jax.Array, mask: jax.Array) -> di
     return out
 
 
-def selected_tokens(cap: Captured) -> jax.Array:
-    """Tokens that count: real (unpadded) and with both u and δ non-zero.
+def selected_tokens(cap: Captured, answer_only: bool = False) -> jax.Array:
+    """Tokens that count: real (unpadded) and with both u and δ non-zero (and, with
+    `answer_only`, predicting a target token).
 
     The reference drops rows whose u or δ is all zero before the statistics and the editor
     (e.g. GPT-2's last block has δ = 0 on every prompt token). Standardised, such a zero δ would
     become −μ/σ and write a spurious u·(−μ/σ)ᵀ term into the update; a mask keeps shapes static.
     """
     nonzero = (jnp.any(cap.layer_inputs != 0, -1) & jnp.any(cap.output_grads != 0, -1))
-    return cap.token_mask * nonzero.astype(jnp.float32)
+    mask = cap.token_mask * nonzero.astype(jnp.float32)
+    if answer_only:
+        if cap.answer_mask is None:
+            raise ValueError("tokens='answer' needs a batch with labels")
+        mask = mask * cap.answer_mask
+    return mask
 
 
-def ridge_solve(keys: jax.Array, values: jax.Array, lam: jax.Array,
-                iters: int = 100) -> jax.Array:
-    """argmin_X ‖K X − D‖² + λ‖X‖² = (KᵀK + λI)⁻¹ KᵀD, [d_in, d_out], differentiable.
+def ridge_solve(keys: jax.Array, values: jax.Array, lam: jax.Array) -> jax.Array:
+    """argmin_X ‖K X − V‖² + λ‖X‖² = (KᵀK + λI)⁻¹ KᵀV, [d_in, d_out], differentiable.
 
     Zero (unselected) token rows drop out of both forms. The primal system is d_in × d_in, the
-    dual Kᵀ(KKᵀ + λI)⁻¹D tokens × tokens; the smaller one is solved (shapes are static). Solved
-    by Jacobi-preconditioned conjugate gradients (matmuls only; `cg` differentiates implicitly):
-    on CPU, XLA's LU/Cholesky custom calls cost 10-100× more than the whole system's matmuls.
+    dual Kᵀ(KKᵀ + λI)⁻¹V tokens × tokens; the smaller one is solved (shapes are static), by a
+    Cholesky factorisation in float32 (the system is symmetric positive definite for λ > 0).
     """
     k = keys.astype(jnp.float32)
     v = values.astype(jnp.float32)
     n, d_in = k.shape
     if d_in <= n:
         gram = k.T @ k + lam * jnp.eye(d_in, dtype=jnp.float32)
-        return _spd_solve(gram, k.T @ v, iters)
+        return _spd_solve(gram, k.T @ v)
     gram = k @ k.T + lam * jnp.eye(n, dtype=jnp.float32)
-    return k.T @ _spd_solve(gram, v, iters)
+    return k.T @ _spd_solve(gram, v)
 
 
-def _spd_solve(a: jax.Array, b: jax.Array, iters: int) -> jax.Array:
-    inv_diag = 1.0 / jnp.diag(a)
-    x, _ = jax.scipy.sparse.linalg.cg(lambda x: a @ x, b, tol=1e-6, maxiter=iters,
-                                      M=lambda x: inv_diag[:, None] * x)
-    return x
+def _spd_solve(a: jax.Array, b: jax.Array) -> jax.Array:
+    return jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(a), b)
 
 
 def _standardise(x, mean, m2, count, eps):
@@ -267,7 +274,7 @@ class MEND:
         group, mode = self.layout.groups[i], self.layout.modes[i]
         u = cap.layer_inputs.astype(jnp.float32)
         d = cap.output_grads.astype(jnp.float32)
-        m = selected_tokens(cap)
+        m = selected_tokens(cap, cfg.tokens == "answer")
         if cfg.norm:
             s = stats[group]
             u = _standardise(u, s["u_mean"], s["u_m2"], s["count"], cfg.norm_eps)
@@ -285,14 +292,19 @@ class MEND:
 
     def _merge(self, stats: dict, name: str, cap: Captured) -> dict:
         group = self.layout.groups[self.layout.inner_params.index(name)]
+        mask = selected_tokens(cap, self.config.tokens == "answer")
         return {**stats, group: update_stats(stats[group],
                                              jax.lax.stop_gradient(cap.layer_inputs),
-                                             jax.lax.stop_gradient(cap.output_grads),
-                                             selected_tokens(cap))}
+                                             jax.lax.stop_gradient(cap.output_grads), mask)}
 
     def pseudo_gradients(self, params: dict, stats: dict, captured: Mapping[str, Captured],
                          train: bool = False) -> tuple[dict, dict]:
-        """({name: α_ℓ Σ_t δ̃_t ũ_tᵀ}, stats). With `train`, as the reference, each weight's
+        """({name: α_ℓ Σ_t ũ_t δ̃_tᵀ} or, lstsq, {name: α_ℓ (UᵀU + e^λ I)⁻¹ Uᵀ V}, stats).
+
+        lstsq follows MALMEN: the keys U are the raw layer inputs of the selected tokens and
+        each value v_t = (u_t · ũ_t) δ̃_t is the shift of the layer's output on u_t that the
+        token's own MEND term ũ_t δ̃_tᵀ would make; the solve asks all of them of one matrix at
+        once instead of summing the terms. With `train`, as the reference, each weight's
         tokens are merged into its group's statistics right before that weight is normalised,
         so in a shared group later weights see the statistics of earlier ones too."""
         updates = {}
@@ -301,7 +313,11 @@ class MEND:
                 stats = self._merge(stats, name, captured[name])
             u, d = self.transform(params, stats, name, captured[name])
             if self.config.aggregate == "lstsq":
-                agg = ridge_solve(u, d, jnp.exp(params["log_lambdas"][name]))
+                cap = captured[name]
+                m = selected_tokens(cap, self.config.tokens == "answer")
+                keys = cap.layer_inputs.astype(jnp.float32) * m[:, None]
+                values = jnp.sum(keys * u, -1, keepdims=True) * d
+                agg = ridge_solve(keys, values, jnp.exp(params["log_lambdas"][name]))
             else:
                 agg = pseudo_gradient(u, d)
             updates[name] = params["edit_lrs"][name] * agg
