@@ -51,6 +51,11 @@ def test_bench_edit_latency_runs():
     assert "edit/fwd_bwd_inner" in out
 
 
+def test_bench_many_edits_runs():
+    out = run_bench("bench_many_edits.py", "--edits", "4")
+    assert "4_single_calls_s" in out and "lstsq_whiten" in out
+
+
 @pytest.mark.slow  # one subprocess and compilation per device count
 def test_bench_scaling_runs():
     out = run_bench("bench_scaling.py", "--devices", "2")  # 1..8 devices: tests/test_sharding.py

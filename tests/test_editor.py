@@ -199,3 +199,62 @@ def test_lstsq_editor_fits_the_edit_keys(model):
     assert 0.05 < moved <= 0.1 + 1e-6  # one Adam step of lr_lr (its ε damps a tiny gradient)
     with pytest.raises(ValueError, match="aggregate"):
         MENDConfig(aggregate="mean")
+
+
+def test_whitened_lstsq_solves_with_the_running_key_second_moment(model):
+    """`whiten`: the ridge term is e^λ·C with C = E[u uᵀ] over the real tokens merged so far."""
+    from mend_jax.capture import capture
+    from mend_jax.editors.mend import ridge_solve, whitening_matrix
+
+    rng = np.random.default_rng(2)
+    k, v = rng.normal(size=(9, 5)), rng.normal(size=(9, 3))
+    a = rng.normal(size=(5, 5))
+    reg = a @ a.T + np.eye(5)
+    want = np.linalg.solve(k.T @ k + 0.4 * reg, k.T @ v)
+    got = ridge_solve(jnp.asarray(k, jnp.float32), jnp.asarray(v, jnp.float32), 0.4,
+                      jnp.asarray(reg, jnp.float32))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-3, atol=1e-4)
+
+    name = "transformer.h.2.mlp.c_fc.weight"
+    editor = MEND(model, [name], MENDConfig(aggregate="lstsq", whiten=True, tokens="answer"))
+    state = editor.init(jax.random.key(0))
+    b1, b2 = decoder_batch(61, [7, 4, 9]), decoder_batch(61, [6, 8], seed=4)
+    stats = state["stats"]
+    us = []
+    for b in (b1, b2):
+        _, cap, _ = capture(model, model.params, b, [name])
+        _, stats = editor.pseudo_gradients(state["params"], stats, cap, train=True)
+        real = np.asarray(cap[name].token_mask) > 0
+        us.append(np.asarray(cap[name].layer_inputs)[real].astype(np.float64))
+    u = np.concatenate(us)
+    acc = stats["second_moments"][name.replace(".", "_")]
+    assert float(acc["count"]) == len(u)  # every real token, not only the answer tokens
+    np.testing.assert_allclose(np.asarray(acc["mean_uu"]), u.T @ u / len(u), rtol=1e-4,
+                               atol=1e-5)
+    c = np.asarray(whitening_matrix(acc))
+    assert np.all(np.linalg.eigvalsh(c) > 0)
+    with pytest.raises(ValueError, match="whiten"):
+        MENDConfig(whiten=True)
+
+
+def test_per_request_capture_loss_makes_each_requests_delta_independent_of_k(model):
+    """`capture_loss: per_request`: with an identity editor and norm off, editing k requests
+    together changes the weights by the sum of their one-at-a-time changes (with the batch mean
+    each request's δ would shrink with the batch's token count)."""
+    name = "transformer.h.2.mlp.c_fc.weight"
+    batch = decoder_batch(61, [7, 4, 9])
+    path = model.names.path(name)
+
+    def change(cfg, b):
+        editor = MEND(model, [name], cfg)
+        new = editor.edit(editor.init(jax.random.key(0)), model.params, b)
+        return np.asarray(get_path(model.params, path) - get_path(new, path))
+
+    rows = [jax.tree.map(lambda x, i=i: x[i:i + 1], batch) for i in range(3)]
+    for loss, additive in (("per_request", True), ("batch_mean", False)):
+        cfg = MENDConfig(norm=False, edit_lr=1.0, capture_loss=loss)
+        together, alone = change(cfg, batch), sum(change(cfg, r) for r in rows)
+        close = np.allclose(together, alone, rtol=1e-4, atol=1e-6 * np.abs(alone).max())
+        assert close == additive, loss
+    with pytest.raises(ValueError, match="capture_loss"):
+        MENDConfig(capture_loss="sum")

@@ -16,6 +16,7 @@ import jax.scipy.linalg  # noqa: F401  (cho_factor / cho_solve)
 
 from mend_jax.capture import Captured, capture, pseudo_gradient
 from mend_jax.editing import check_edit_batch
+from mend_jax.metrics import sequence_nll
 from mend_jax.models.names import get_path, set_path
 
 
@@ -46,6 +47,17 @@ class MENDConfig:
     # Which tokens the editor sees: "all" real tokens (MEND) or "answer" tokens only, the
     # positions whose output predicts a target token (MALMEN's `token: ans`).
     tokens: str = "all"
+    # lstsq only: regularise by the keys' running second moment C = E[u uᵀ] of each weight
+    # (every real token of the edit batches seen in training) instead of the identity, i.e.
+    # (UᵀU + e^λ C)⁻¹ UᵀV: the update is the one that moves the layer's output least on the keys
+    # the model usually sees (MEMIT's covariance term). A deviation from MALMEN (λI).
+    whiten: bool = False
+    # The loss whose gradient δ is captured: "batch_mean" (the reference: the mean NLL over all
+    # target tokens of the k requests, so each request's δ shrinks as 1/k) or "per_request" (the
+    # sum over requests of each one's mean NLL: a request's δ is the same whatever k, as with
+    # MALMEN's fixed-size caching batches, so statistics and step sizes learned at one k hold
+    # at another).
+    capture_loss: str = "batch_mean"
 
     def __post_init__(self):
         if sum([self.combine, self.one_sided, self.x_only, self.delta_only]) > 1:
@@ -58,6 +70,11 @@ class MENDConfig:
             raise ValueError(f"aggregate must be 'sum' or 'lstsq', got {self.aggregate!r}")
         if self.tokens not in ("all", "answer"):
             raise ValueError(f"tokens must be 'all' or 'answer', got {self.tokens!r}")
+        if self.capture_loss not in ("batch_mean", "per_request"):
+            raise ValueError(f"capture_loss must be 'batch_mean' or 'per_request', got "
+                             f"{self.capture_loss!r}")
+        if self.whiten and self.aggregate != "lstsq":
+            raise ValueError("whiten needs aggregate: lstsq")
 
 
 def _clamp_relu(x):
@@ -153,16 +170,20 @@ def selected_tokens(cap: Captured, answer_only: bool = False) -> jax.Array:
     return mask
 
 
-def ridge_solve(keys: jax.Array, values: jax.Array, lam: jax.Array) -> jax.Array:
-    """argmin_X ‖K X − V‖² + λ‖X‖² = (KᵀK + λI)⁻¹ KᵀV, [d_in, d_out], differentiable.
+def ridge_solve(keys: jax.Array, values: jax.Array, lam: jax.Array,
+                reg: jax.Array | None = None) -> jax.Array:
+    """argmin_X ‖K X − V‖² + λ‖X‖²_R = (KᵀK + λR)⁻¹ KᵀV, [d_in, d_out], differentiable.
 
-    Zero (unselected) token rows drop out of both forms. The primal system is d_in × d_in, the
-    dual Kᵀ(KKᵀ + λI)⁻¹V tokens × tokens; the smaller one is solved (shapes are static), by a
-    Cholesky factorisation in float32 (the system is symmetric positive definite for λ > 0).
+    R is the identity unless `reg` (symmetric positive definite, d_in × d_in) is given. Zero
+    (unselected) token rows drop out of both forms. With R = I the smaller of the primal
+    (d_in × d_in) and dual Kᵀ(KKᵀ + λI)⁻¹V (tokens × tokens) systems is solved (shapes are
+    static), by a Cholesky factorisation in float32.
     """
     k = keys.astype(jnp.float32)
     v = values.astype(jnp.float32)
     n, d_in = k.shape
+    if reg is not None:
+        return _spd_solve(k.T @ k + lam * reg.astype(jnp.float32), k.T @ v)
     if d_in <= n:
         gram = k.T @ k + lam * jnp.eye(d_in, dtype=jnp.float32)
         return _spd_solve(gram, k.T @ v)
@@ -172,6 +193,24 @@ def ridge_solve(keys: jax.Array, values: jax.Array, lam: jax.Array) -> jax.Array
 
 def _spd_solve(a: jax.Array, b: jax.Array) -> jax.Array:
     return jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(a), b)
+
+
+def update_second_moment(acc: dict, u: jax.Array, mask: jax.Array) -> dict:
+    """Running E[u uᵀ] over masked tokens: {"count", "mean_uu"} (merged as a weighted mean)."""
+    n_b = mask.sum()
+    count = acc["count"] + n_b
+    batch = (u * mask[:, None]).T @ u
+    mean = acc["mean_uu"] + (batch - n_b * acc["mean_uu"]) / jnp.maximum(count, 1.0)
+    return {"count": count, "mean_uu": mean}
+
+
+def whitening_matrix(acc: dict, eps: float = 1e-3) -> jax.Array:
+    """C + ε·mean(diag C)·I (the identity before any token was seen): positive definite."""
+    c = acc["mean_uu"]
+    d = c.shape[0]
+    scale = jnp.maximum(jnp.trace(c) / d, 1e-12)
+    eye = jnp.eye(d, dtype=c.dtype)
+    return jnp.where(acc["count"] > 0, c + eps * scale * eye, eye)
 
 
 def _standardise(x, mean, m2, count, eps):
@@ -244,6 +283,11 @@ class MEND:
         if cfg.aggregate == "lstsq":
             params["log_lambdas"] = {n: jnp.asarray(cfg.init_log_lambda, jnp.float32)
                                      for n in lay.inner_params}
+        if cfg.whiten:
+            stats["second_moments"] = {
+                n.replace(".", "_"): {"count": jnp.zeros((), jnp.float32),
+                                      "mean_uu": jnp.zeros((d_in, d_in), jnp.float32)}
+                for n, (d_in, _) in zip(lay.inner_params, lay.shapes)}
         return {"params": params, "stats": stats}
 
     def _transforms_u(self, d_in, d_out) -> bool:
@@ -293,9 +337,15 @@ class MEND:
     def _merge(self, stats: dict, name: str, cap: Captured) -> dict:
         group = self.layout.groups[self.layout.inner_params.index(name)]
         mask = selected_tokens(cap, self.config.tokens == "answer")
-        return {**stats, group: update_stats(stats[group],
-                                             jax.lax.stop_gradient(cap.layer_inputs),
-                                             jax.lax.stop_gradient(cap.output_grads), mask)}
+        out = {**stats, group: update_stats(stats[group],
+                                            jax.lax.stop_gradient(cap.layer_inputs),
+                                            jax.lax.stop_gradient(cap.output_grads), mask)}
+        if self.config.whiten:
+            key = name.replace(".", "_")
+            out["second_moments"] = {**stats["second_moments"], key: update_second_moment(
+                stats["second_moments"][key], cap.layer_inputs.astype(jnp.float32),
+                cap.token_mask)}
+        return out
 
     def pseudo_gradients(self, params: dict, stats: dict, captured: Mapping[str, Captured],
                          train: bool = False) -> tuple[dict, dict]:
@@ -317,7 +367,9 @@ class MEND:
                 m = selected_tokens(cap, self.config.tokens == "answer")
                 keys = cap.layer_inputs.astype(jnp.float32) * m[:, None]
                 values = jnp.sum(keys * u, -1, keepdims=True) * d
-                agg = ridge_solve(keys, values, jnp.exp(params["log_lambdas"][name]))
+                reg = (whitening_matrix(stats["second_moments"][name.replace(".", "_")])
+                       if self.config.whiten else None)
+                agg = ridge_solve(keys, values, jnp.exp(params["log_lambdas"][name]), reg)
             else:
                 agg = pseudo_gradient(u, d)
             updates[name] = params["edit_lrs"][name] * agg
@@ -336,8 +388,12 @@ class MEND:
                         train: bool = False) -> tuple[dict, dict, jax.Array]:
         """(new model params, new stats, pre-edit loss). With train=True stats absorb the edit."""
         # The editor is not trained through the base model's backward pass (as the reference).
+        shift = not self.model.seq2seq
+        loss_fn = None
+        if self.config.capture_loss == "per_request":
+            loss_fn = lambda logits, b: sequence_nll(logits, b["labels"], shift).sum()  # noqa: E731
         loss, captured, _ = capture(self.model, jax.lax.stop_gradient(model_params), edit_batch,
-                                    self.layout.inner_params)
+                                    self.layout.inner_params, loss_fn=loss_fn)
         captured = jax.lax.stop_gradient(captured)
         updates, stats = self.pseudo_gradients(editor_state["params"], editor_state["stats"],
                                                captured, train=train)
