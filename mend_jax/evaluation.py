@@ -195,6 +195,43 @@ def _time_edits(editor, editor_state, model_params, groups: list[dict], n: int) 
     return float(np.mean(times))
 
 
+def _summary(cat: dict, weights: dict, kl: float, **extra) -> dict[str, Any]:
+    """The metrics of `METRIC_KEYS` from per-row statistics (`cat[kind][stat]`, any shape)."""
+    inner, loc = cat["edit_inner"], cat["loc"]
+
+    def probe(kind, key="correct_post"):
+        if kind not in cat or kind not in weights:
+            return None
+        return _probe_accuracy(np.asarray(cat[kind][key]), weights[kind])
+
+    edit_success = float(np.mean(inner["correct_post"]))
+    generality = probe("edit_outer")
+    acc_pre, acc_post = float(np.mean(loc["correct_pre"])), float(np.mean(loc["correct_post"]))
+    return {
+        "edit_success": edit_success,
+        "generality": generality,
+        "drawdown": acc_pre - acc_post,
+        "locality_kl": kl,
+        "loc_acc_pre": acc_pre,
+        "loc_acc_post": acc_post,
+        "neighborhood_acc": probe("neighborhood"),
+        "neighborhood_acc_pre": probe("neighborhood", "correct_pre"),
+        "pre_edit_success": float(np.mean(inner["correct_pre"])),
+        **extra,
+        "reliability": edit_success,
+        "generalization": generality,
+        "locality": float(np.mean(loc["unchanged"])),
+        "portability": probe("portability"),
+    }
+
+
+def _shuffled(requests: Sequence[EditRequest], seed: int | None) -> list[EditRequest]:
+    requests = list(requests)
+    if seed is None:
+        return requests
+    return [requests[i] for i in np.random.default_rng(seed).permutation(len(requests))]
+
+
 def evaluate_editor(
     model,
     editor,
@@ -231,9 +268,7 @@ def evaluate_editor(
     """
     if n_edits < 1:
         raise ValueError(f"n_edits must be >= 1, got {n_edits}")
-    requests = list(requests)
-    if seed is not None:
-        requests = [requests[i] for i in np.random.default_rng(seed).permutation(len(requests))]
+    requests = _shuffled(requests, seed)
     n_groups = len(requests) // n_edits
     if n_groups == 0:
         raise ValueError(f"n_edits={n_edits} but only {len(requests)} requests to evaluate")
@@ -253,35 +288,12 @@ def evaluate_editor(
     stats = jax.device_get(stats)
     cat = {kind: {k: np.stack([s[kind][k] for s in stats]) for k in stats[0][kind]}
            for kind in stats[0]}  # each [G, rows]
-    inner, loc = cat["edit_inner"], cat["loc"]
-
-    def probe(kind, key="correct_post"):
-        return _probe_accuracy(cat[kind][key], weights.get(kind)) if kind in cat else None
-
-    edit_success = float(inner["correct_post"].mean())
-    generality = probe("edit_outer")
-    acc_pre, acc_post = float(loc["correct_pre"].mean()), float(loc["correct_post"].mean())
+    loc = cat["loc"]
     # KL averaged over the counted tokens of each group (as the reference's batches), then groups.
     kl = float(np.mean(loc["kl_sum"].sum(-1) / np.maximum(loc["kl_count"].sum(-1), 1.0)))
-    locality = float(loc["unchanged"].mean())
-    result = {
-        "edit_success": edit_success,
-        "generality": generality,
-        "drawdown": acc_pre - acc_post,
-        "locality_kl": kl,
-        "loc_acc_pre": acc_pre,
-        "loc_acc_post": acc_post,
-        "neighborhood_acc": probe("neighborhood"),
-        "neighborhood_acc_pre": probe("neighborhood", "correct_pre"),
-        "pre_edit_success": float(inner["correct_pre"].mean()),
-        "n_edits": n_edits,
-        "n_examples": n_groups * n_edits,
-        "edit_time_s": _time_edits(editor, editor_state, model_params, groups, timed_edits),
-        "reliability": edit_success,
-        "generalization": generality,
-        "locality": locality,
-        "portability": probe("portability"),
-    }
+    result = _summary(cat, weights, kl, n_edits=n_edits, n_examples=n_groups * n_edits,
+                      edit_time_s=_time_edits(editor, editor_state, model_params, groups,
+                                              timed_edits))
     if perplexity:
         tokens = max(float(loc["n_tokens"].sum()), 1.0)
         ppl_pre = math.exp(float(loc["nll_pre"].sum()) / tokens)
@@ -323,9 +335,7 @@ def evaluate_sequential(
     """
     if n_edits < 1 or n_batches < 1:
         raise ValueError(f"n_edits and n_batches must be >= 1, got {n_edits}, {n_batches}")
-    requests = list(requests)
-    if seed is not None:
-        requests = [requests[i] for i in np.random.default_rng(seed).permutation(len(requests))]
+    requests = _shuffled(requests, seed)
     total = n_edits * n_batches
     if len(requests) < total:
         raise ValueError(f"--sequential {n_batches} x {n_edits} edits needs {total} requests, "
@@ -338,14 +348,16 @@ def evaluate_sequential(
     edit = _edit_fn(editor)
     correct = jax.jit(lambda p, rows: _chunked(lambda r: _post_stats(model, p, r), rows,
                                                batch_size)["correct_post"])
-    params, state, curve, start = model_params, editor_state, [], time.perf_counter()
+    params, state, curve, edit_time = model_params, editor_state, [], 0.0
     for t, group in enumerate(groups):
-        params, state = edit(state, params, _edit_batch(editor, group))
+        start = time.perf_counter()
+        params, state = jax.block_until_ready(edit(state, params, _edit_batch(editor, group)))
+        edit_time += time.perf_counter() - start  # the first call includes compilation
         # Retained edit success over every edit made so far (one fixed-shape pass: rows of
         # later batches are measured too and dropped here, so there is a single compile).
         ok = np.asarray(correct(params, _flat(batches["edit_inner"])))
         curve.append(float(ok[: (t + 1) * n_edits].mean()))
-    edit_time = (time.perf_counter() - start) / n_batches
+    edit_time /= n_batches
     flat = {kind: _flat(b) for kind, b in batches.items()}
     paired_kinds = ("edit_inner", "loc") + (("neighborhood",) if "neighborhood" in flat else ())
     measure = jax.jit(lambda p, rows: _chunked(
@@ -357,35 +369,10 @@ def evaluate_sequential(
         if kind in flat and kind not in cat:
             cat[kind] = jax.device_get(post(params, flat[kind]))
 
-    def probe(kind, key="correct_post"):
-        if kind not in cat or kind not in weights:
-            return None
-        return _probe_accuracy(np.asarray(cat[kind][key]), weights[kind])
-
-    inner, loc = cat["edit_inner"], cat["loc"]
-    edit_success = float(np.mean(inner["correct_post"]))
-    generality = probe("edit_outer")
-    acc_pre, acc_post = float(np.mean(loc["correct_pre"])), float(np.mean(loc["correct_post"]))
-    return {
-        "edit_success": edit_success,
-        "generality": generality,
-        "drawdown": acc_pre - acc_post,
-        "locality_kl": float(np.sum(loc["kl_sum"]) / max(float(np.sum(loc["kl_count"])), 1.0)),
-        "loc_acc_pre": acc_pre,
-        "loc_acc_post": acc_post,
-        "neighborhood_acc": probe("neighborhood"),
-        "neighborhood_acc_pre": probe("neighborhood", "correct_pre"),
-        "pre_edit_success": float(np.mean(inner["correct_pre"])),
-        "n_edits": n_edits,
-        "n_batches": n_batches,
-        "n_examples": total,
-        "edit_time_s": edit_time,
-        "retained_curve": curve,
-        "reliability": edit_success,
-        "generalization": generality,
-        "locality": float(np.mean(loc["unchanged"])),
-        "portability": probe("portability"),
-    }
+    loc = cat["loc"]
+    kl = float(np.sum(loc["kl_sum"]) / max(float(np.sum(loc["kl_count"])), 1.0))
+    return _summary(cat, weights, kl, n_edits=n_edits, n_batches=n_batches, n_examples=total,
+                    edit_time_s=edit_time, retained_curve=curve)
 
 
 def _flat(batch: dict) -> dict:
