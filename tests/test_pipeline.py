@@ -266,3 +266,17 @@ def test_resume_logs_to_stderr_and_accumulates_train_time(trained_run, capfd):
     assert again["steps"] == 30
     # the resumed run trained no further step: its time is the first run's, not ~0
     assert again["train_time_s"] >= 0.9 * first > 0
+
+
+def test_the_batched_config_is_the_measured_override_set():
+    """`alg=mend_batched` is exactly the override set whose results the README quotes."""
+    from mend_jax.config import load_config
+
+    measured = load_config([
+        "alg.editor.aggregate=lstsq", "alg.editor.tokens=answer", "alg.editor.whiten=true",
+        "alg.editor.capture_loss=per_request", "alg.editor.init_log_lambda=4.6",
+        "alg.loop.n_edits=100", "alg.loop.n_edits_dist=log_uniform", "alg.loop.max_steps=3000",
+        "alg.loop.val_every=500", "alg.loop.val_batches=20"])
+    batched = load_config(["alg=mend_batched"])["alg"]
+    assert batched.pop("_name") == "mend_batched" and measured["alg"].pop("_name") == "mend_small"
+    assert batched == measured["alg"]
