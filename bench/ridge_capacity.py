@@ -4,7 +4,8 @@ model? A training-free probe of the capacity that a trained lstsq editor works w
 For each edited weight, the keys U are the raw layer inputs on the answer tokens of the k
 requests and the values their negative gradients −δ (each request's own NLL, so a value does
 not depend on k); the update is ΔW = lr · (UᵀU + λ C)⁻¹ Uᵀ δ, C = E[u uᵀ] over every real token
-of the training split's fact sentences (MEMIT's covariance term). Every (k, lr, λ) of the grid
+of the training split's fact sentences (MEMIT's covariance term; plus 1e-3·mean(diag C)·I,
+as the editor's `whiten`). Every (k, lr, λ) of the grid
 is evaluated as `eval.py` does (test split, groups of k edited together from the base weights).
 
     python bench/ridge_capacity.py --edits 1,10,100 --lr 5,20 --lam 100,1000
@@ -37,7 +38,7 @@ def main(argv=None) -> None:
     from mend_jax.capture import capture
     from mend_jax.config import load_config
     from mend_jax.data.batching import tokenize_pairs
-    from mend_jax.editors.mend import selected_tokens
+    from mend_jax.editors.mend import selected_tokens, whitening_matrix
     from mend_jax.evaluation import evaluate_editor
     from mend_jax.metrics import sequence_nll
     from mend_jax.models import get_path, set_path
@@ -67,7 +68,11 @@ def main(argv=None) -> None:
             u = np.asarray(cap[n].layer_inputs)[real].astype(np.float64)
             sums[n] = sums[n] + u.T @ u
         count += int(real.sum())
-    second = {n: jnp.asarray(v / count, jnp.float32) for n, v in sums.items()}
+    # as the lstsq editor's `whiten`: C + 1e-3·mean(diag C)·I (LayerNorm outputs make C nearly
+    # singular along one direction)
+    second = {n: whitening_matrix({"count": jnp.asarray(count, jnp.float32),
+                                   "mean_uu": jnp.asarray(v / count, jnp.float32)})
+              for n, v in sums.items()}
 
     class RidgeStep:
         def __init__(self, lr, lam):
