@@ -21,6 +21,8 @@ SEQ, TARGET = 16, 2
 def main(argv=None) -> None:
     p = common.base_parser(__doc__.splitlines()[0])
     p.add_argument("--edits", type=int, default=1000, help="k: edits in the one batched call")
+    p.add_argument("--aggregates", default="sum,lstsq,lstsq_whiten",
+                   help="comma-separated rows: sum, lstsq, lstsq_whiten")
     args = p.parse_args(argv)
 
     import jax
@@ -54,8 +56,12 @@ def main(argv=None) -> None:
         "lstsq": MENDConfig(aggregate="lstsq", tokens="answer"),
         "lstsq_whiten": MENDConfig(aggregate="lstsq", tokens="answer", whiten=True),
     }
+    chosen = args.aggregates.split(",")
+    unknown = sorted(set(chosen) - set(variants))
+    if unknown:
+        p.error(f"unknown --aggregates {unknown}; choose from {sorted(variants)}")
     rows = []
-    for name, mcfg in variants.items():
+    for name, mcfg in ((n, variants[n]) for n in chosen):
         editor = MEND(model, INNER, mcfg)
         state = editor.init(jax.random.key(0))
         fn = weights_only(editor)
