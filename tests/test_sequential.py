@@ -112,3 +112,30 @@ def test_ultraedit_in_sequential_evaluation_threads_its_state(setup):  # noqa: F
                             n_edits=3, n_batches=2, max_length=MAX_LENGTH, seed=0)
     assert np.isfinite(r["edit_success"]) and len(r["retained_curve"]) == 2
     assert jnp.isfinite(r["locality_kl"])
+
+
+class _Scale:
+    """A stand-in editor that multiplies every parameter by a factor: two batches of ×0.5 must
+    compound to ×0.25 if each batch is edited into the previous batch's model."""
+
+    def __init__(self, factor):
+        self.factor = factor
+
+    def init(self, key=None):
+        return {}
+
+    def edit(self, state, params, batch):
+        return jax.tree.map(lambda x: x * self.factor, params)
+
+
+def test_each_sequential_batch_edits_the_previous_batchs_model(setup):  # noqa: F811
+    model, tokenizer = setup
+    kw = dict(max_length=MAX_LENGTH, seed=0)
+    two = evaluate_sequential(model, _Scale(0.5), {}, model.params, REQUESTS, tokenizer,
+                              n_edits=3, n_batches=2, **kw)
+    once = evaluate_sequential(model, _Scale(0.25), {}, model.params, REQUESTS, tokenizer,
+                               n_edits=6, n_batches=1, **kw)
+    half = evaluate_sequential(model, _Scale(0.5), {}, model.params, REQUESTS, tokenizer,
+                               n_edits=6, n_batches=1, **kw)
+    assert two["locality_kl"] == pytest.approx(once["locality_kl"], rel=1e-5)
+    assert abs(two["locality_kl"] - half["locality_kl"]) > 1e-3
