@@ -348,6 +348,7 @@ def evaluate_sequential(
     edit = _edit_fn(editor)
     correct = jax.jit(lambda p, rows: _chunked(lambda r: _post_stats(model, p, r), rows,
                                                batch_size)["correct_post"])
+    flat = {kind: _flat(b) for kind, b in batches.items()}
     params, state, curve, edit_time = model_params, editor_state, [], 0.0
     for t, group in enumerate(groups):
         start = time.perf_counter()
@@ -355,10 +356,9 @@ def evaluate_sequential(
         edit_time += time.perf_counter() - start  # the first call includes compilation
         # Retained edit success over every edit made so far (one fixed-shape pass: rows of
         # later batches are measured too and dropped here, so there is a single compile).
-        ok = np.asarray(correct(params, _flat(batches["edit_inner"])))
+        ok = np.asarray(correct(params, flat["edit_inner"]))
         curve.append(float(ok[: (t + 1) * n_edits].mean()))
     edit_time /= n_batches
-    flat = {kind: _flat(b) for kind, b in batches.items()}
     paired_kinds = ("edit_inner", "loc") + (("neighborhood",) if "neighborhood" in flat else ())
     measure = jax.jit(lambda p, rows: _chunked(
         lambda r: _paired_stats(model, model_params, p, r), rows, batch_size))
