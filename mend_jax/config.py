@@ -115,6 +115,7 @@ _PLAIN = {
     "progress": (bool,),
     "dtype": (str,),
     "remat": (bool,),
+    "alg.method": (str,),
     "eval.split": (str,),
     "eval.n_edits": (int,),
     "eval.methods": (list,),
@@ -126,6 +127,9 @@ _PLAIN = {
     "data.n_val": (int, None),
     "data.n_test": (int, None),
     "data.n_train": (int, None),
+    "data.edit_forms": (list,),
+    "model.tokenizer.kind": (str,),
+    "model.tokenizer.vocab_size": (int,),
 }
 _AT_LEAST = {
     "eval.n_edits": 1, "eval.max_examples": 1, "model.max_length": 2,
@@ -133,18 +137,23 @@ _AT_LEAST = {
     "alg.loop.batch_size": 1, "alg.loop.val_batches": 1, "alg.loop.save_every": 1,
     "alg.loop.log_every": 1, "alg.loop.early_stop_patience": 0, "alg.train.accumulate": 1,
     "alg.train.lr": 0, "alg.train.lr_lr": 0, "alg.editor.rank": 1, "alg.editor.n_hidden": 0,
+    "alg.train.c_base": 0, "alg.editor.n_edit_steps": 1, "alg.editor.hidden_dim": 1,
+    "alg.editor.condition_dim": 1,
     "alg.baselines.*.steps": 1,
+    "model.tokenizer.vocab_size": 259,
 }
 _TYPE_NAMES = {"int": int, "float": float, "bool": bool, "str": str, "None": None}
 
 
-def _dataclass_sections() -> dict[str, type]:
+def _dataclass_sections(method: str = "mend") -> dict[str, type]:
+    """The schema of each `alg` section; `alg.editor`'s is the config of the trained editor."""
     # Imported here: the dataclasses live with the code they configure (and import jax).
-    from mend_jax.editors import FTConfig, MENDConfig
+    from mend_jax.editors import ENNConfig, FTConfig, KEConfig, MENDConfig
     from mend_jax.loop import LoopConfig
     from mend_jax.training import TrainConfig
 
-    return {"alg.editor": MENDConfig, "alg.train": TrainConfig, "alg.loop": LoopConfig,
+    editor = {"mend": MENDConfig, "ke": KEConfig, "enn": ENNConfig}[method]
+    return {"alg.editor": editor, "alg.train": TrainConfig, "alg.loop": LoopConfig,
             "alg.baselines.*": FTConfig}
 
 
@@ -229,17 +238,25 @@ def _check_section(section: str, values: Any, schema: type) -> None:
 def validate_config(cfg: dict) -> dict:
     """Check every key's type and range before any work starts; returns cfg unchanged.
 
-    The dataclasses that read the `alg` sections (MENDConfig, TrainConfig, LoopConfig, FTConfig)
-    are their schema; the other keys are listed above. Sections a config leaves out are skipped.
+    The dataclasses that read the `alg` sections (MENDConfig, KEConfig or ENNConfig as
+    `alg.method` says, TrainConfig, LoopConfig, FTConfig) are their schema; the other keys are
+    listed above. Sections a config leaves out are skipped.
     """
-    from mend_jax.pipeline import DTYPES, METHODS
+    from mend_jax.pipeline import DTYPES, METHODS, TRAINED, alg_method
 
     for key, types in _PLAIN.items():
         present, value = _lookup(cfg, key)
         if present:
             _check_type(key, value, types)
             _check_range(key, value)
-    sections = _dataclass_sections()
+    trained = alg_method(cfg)
+    if trained not in TRAINED:
+        raise ConfigError(f"alg.method={trained!r}: expected one of {list(TRAINED)}")
+    present, c_base = _lookup(cfg, "alg.train.c_base")
+    if present and c_base and trained != "enn":
+        raise ConfigError(f"alg.train.c_base={c_base!r}: only ENN (alg.method: enn) meta-learns "
+                          f"the model's weights; remove it or set 0 for alg.method={trained}")
+    sections = _dataclass_sections(trained)
     for section, schema in sections.items():
         if section.endswith(".*"):
             present, group = _lookup(cfg, section[:-2])
@@ -262,12 +279,25 @@ def validate_config(cfg: dict) -> dict:
         unknown = [m for m in methods if m not in METHODS]
         if unknown or not methods:
             raise ConfigError(f"eval.methods={methods!r}: each must be one of {list(METHODS)}")
+        # "mend" (the default list's entry) stands for whichever editor the run trains.
+        other = [m for m in methods if m in TRAINED and m not in ("mend", trained)]
+        if other:
+            raise ConfigError(f"eval.methods={methods!r}: this run trains {trained} "
+                              f"(alg.method), so it has no {other[0]} editor to evaluate")
     present, split = _lookup(cfg, "eval.split")
     if present and split not in ("train", "val", "test"):
         raise ConfigError(f"eval.split={split!r}: expected train, val or test")
     present, dtype = _lookup(cfg, "dtype")
     if present and dtype not in DTYPES:
         raise ConfigError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)}")
+    present, kind = _lookup(cfg, "model.tokenizer.kind")
+    if present and kind not in ("bpe", "word"):
+        raise ConfigError(f"model.tokenizer.kind={kind!r}: expected bpe or word")
+    from mend_jax.data.geonames import FORMS
+
+    present, forms = _lookup(cfg, "data.edit_forms")
+    if present and (not forms or any(f not in FORMS for f in forms)):
+        raise ConfigError(f"data.edit_forms={forms!r}: expected a non-empty list of {list(FORMS)}")
     present, names = _lookup(cfg, "model.inner_params")
     if present and names is not None and not all(isinstance(n, str) for n in names):
         raise ConfigError(f"model.inner_params={names!r}: expected a list of parameter names")

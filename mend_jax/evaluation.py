@@ -32,16 +32,30 @@ METRIC_KEYS = (
     "neighborhood_acc", "neighborhood_acc_pre", "pre_edit_success", "n_edits", "n_examples",
     "edit_time_s",
     "reliability", "generalization", "locality", "portability",
+    "efficacy_score", "paraphrase_score", "neighborhood_score",
 )
 _MODEL_KEYS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask",
                "labels")
 # Probe kinds, several (prompt, target) pairs per request (rows weighted per request): measured
 # after the edit; neighbourhood also before it (`_group_fn`).
+def _outer_prompts(r: EditRequest) -> tuple[str, ...]:
+    return r.rephrases or (r.prompt,)
+
+
 _PROBES: dict[str, Callable[[EditRequest], Sequence[tuple[str, str]]]] = {
-    "edit_outer": lambda r: [(p, r.target_new) for p in r.rephrases] or [(r.prompt, r.target_new)],
+    "edit_outer": lambda r: [(p, r.target_new) for p in _outer_prompts(r)],
     "neighborhood": lambda r: r.neighborhood,
     "portability": lambda r: r.portability,
+    # The rows' counterparts for the CounterFact scores (ROME/MEMIT): the same prompts with the
+    # other target, compared by mean token NLL. Row for row aligned with their partner kind.
+    "edit_inner_true": lambda r: [(r.prompt, r.target_true)] if r.target_true else [],
+    "edit_outer_true": lambda r: ([(p, r.target_true) for p in _outer_prompts(r)]
+                                  if r.target_true else []),
+    "neighborhood_new": lambda r: [(p, r.target_new) for p, _ in r.neighborhood],
 }
+# kind -> the kind whose rows it mirrors (same width: a request's rows are a prefix of them).
+_PARTNERS = {"edit_inner_true": "edit_inner", "edit_outer_true": "edit_outer",
+             "neighborhood_new": "neighborhood"}
 
 
 # ----------------------------------------------------------------------------- batches
@@ -62,11 +76,14 @@ def _prepare(requests: Sequence[EditRequest], tokenizer, k: int, **kw) -> tuple[
         "loc": _tokenize(tokenizer, [(r.loc_prompt, r.loc_target) for r in requests], **kw),
     }
     weights = {}
+    widths = {"edit_inner": 1}
     for kind, pairs_of in _PROBES.items():
         per_request = [list(pairs_of(r)) for r in requests]
         width = max(len(p) for p in per_request)
         if width == 0:
             continue  # no request has this probe: the metric is None
+        width = widths.get(_PARTNERS.get(kind), width)
+        widths[kind] = width
         pairs, w = [], np.zeros((len(requests), width), np.float32)
         for i, (r, own) in enumerate(zip(requests, per_request)):
             w[i, : len(own)] = 1.0
@@ -75,6 +92,12 @@ def _prepare(requests: Sequence[EditRequest], tokenizer, k: int, **kw) -> tuple[
             pairs += own + [filler] * (width - len(own))
         batches[kind] = _tokenize(tokenizer, pairs, **kw)
         weights[kind] = w.reshape(n_groups, k, width)
+    # Generality per surface form of the rephrases, when the requests name them.
+    for form in sorted({f for r in requests for f in r.rephrase_forms}):
+        w = np.zeros((len(requests), widths["edit_outer"]), np.float32)
+        for i, r in enumerate(requests):
+            w[i, : len(r.rephrase_forms)] = [f == form for f in r.rephrase_forms]
+        weights[f"edit_outer/{form}"] = w.reshape(n_groups, k, -1)
     return {kind: _grouped(b, n_groups) for kind, b in batches.items()}, weights
 
 
@@ -115,6 +138,8 @@ def _paired_stats(model, base_params, new_params, rows) -> dict:
     return {
         "correct_pre": sequence_correct(base, labels, shift),
         "correct_post": sequence_correct(post, labels, shift),
+        "nll_mean_pre": -(logp_pre * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1),
+        "nll_mean_post": -(logp_post * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1),
         "unchanged": same.sum(-1) / jnp.maximum(counted.sum(-1), 1),
         "kl_sum": (kl * kl_mask).sum(-1),
         "kl_count": kl_mask.sum(-1),
@@ -125,8 +150,11 @@ def _paired_stats(model, base_params, new_params, rows) -> dict:
 
 
 def _post_stats(model, new_params, rows) -> dict:
+    shift = not model.seq2seq
     post = model.logits(new_params, *model_inputs(rows))
-    return {"correct_post": sequence_correct(post, rows["labels"], not model.seq2seq)}
+    logp, mask = token_log_probs(post, rows["labels"], shift)
+    return {"correct_post": sequence_correct(post, rows["labels"], shift),
+            "nll_mean_post": -(logp * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1)}
 
 
 def _concat(batches: Sequence[dict]) -> dict:
@@ -199,17 +227,30 @@ def _summary(cat: dict, weights: dict, kl: float, **extra) -> dict[str, Any]:
     """The metrics of `METRIC_KEYS` from per-row statistics (`cat[kind][stat]`, any shape)."""
     inner, loc = cat["edit_inner"], cat["loc"]
 
-    def probe(kind, key="correct_post"):
-        if kind not in cat or kind not in weights:
+    def probe(kind, key="correct_post", weights_key=None):
+        weights_key = weights_key or kind
+        if kind not in cat or weights_key not in weights:
             return None
-        return _probe_accuracy(np.asarray(cat[kind][key]), weights[kind])
+        return _probe_accuracy(np.asarray(cat[kind][key]), weights[weights_key])
+
+    def score(likelier, than, weights_key):
+        """CounterFact score: the weighted fraction of rows whose `likelier` kind has a lower
+        mean token NLL than the same prompt with the `than` kind's target (None if absent)."""
+        if likelier not in cat or than not in cat or weights_key not in weights:
+            return None
+        wins = np.asarray(cat[likelier]["nll_mean_post"]).reshape(-1) < np.asarray(
+            cat[than]["nll_mean_post"]).reshape(-1)
+        return _probe_accuracy(wins, weights[weights_key])
 
     edit_success = float(np.mean(inner["correct_post"]))
     generality = probe("edit_outer")
     acc_pre, acc_post = float(np.mean(loc["correct_pre"])), float(np.mean(loc["correct_post"]))
+    by_form = {f"generality_{kind.split('/', 1)[1]}": probe("edit_outer", weights_key=kind)
+               for kind in weights if kind.startswith("edit_outer/")}
     return {
         "edit_success": edit_success,
         "generality": generality,
+        **by_form,
         "drawdown": acc_pre - acc_post,
         "locality_kl": kl,
         "loc_acc_pre": acc_pre,
@@ -222,6 +263,11 @@ def _summary(cat: dict, weights: dict, kl: float, **extra) -> dict[str, Any]:
         "generalization": generality,
         "locality": float(np.mean(loc["unchanged"])),
         "portability": probe("portability"),
+        # ROME/MEMIT's CounterFact scores: p(new) > p(true) on the edit prompt (efficacy) and
+        # its rephrases (paraphrase); p(true) > p(new) on the neighbours (neighbourhood).
+        "efficacy_score": score("edit_inner", "edit_inner_true", "edit_inner_true"),
+        "paraphrase_score": score("edit_outer", "edit_outer_true", "edit_outer_true"),
+        "neighborhood_score": score("neighborhood", "neighborhood_new", "neighborhood_new"),
     }
 
 

@@ -48,8 +48,8 @@ class LoopConfig:
     # meta-objective c_edit·edit + c_loc·KL, as the reference's early-stop key).
     select_on: str = "edit_loss"
     # Replace the edited requests' locality rows by their neighbourhood pairs (other subjects
-    # with the same true object), see `make_edit_batch`.
-    loc_neighbors: bool = False
+    # with the same true object): all (true), none (false) or this fraction; `make_edit_batch`.
+    loc_neighbors: bool | float = False
 
     def __post_init__(self):
         if self.n_edits_dist not in ("fixed", "log_uniform"):
@@ -57,6 +57,9 @@ class LoopConfig:
                              f"{self.n_edits_dist!r}")
         if self.select_on not in ("edit_loss", "loss"):
             raise ValueError(f"select_on must be 'edit_loss' or 'loss', got {self.select_on!r}")
+        if not 0.0 <= float(self.loc_neighbors) <= 1.0:
+            raise ValueError(f"loc_neighbors must be true, false or a fraction in [0, 1], got "
+                             f"{self.loc_neighbors!r}")
 
 
 def sample_n_edits(rng: np.random.Generator, n_edits: int, dist: str) -> tuple[int, int]:
@@ -72,7 +75,7 @@ def sample_n_edits(rng: np.random.Generator, n_edits: int, dist: str) -> tuple[i
 
 def batch_at(requests: Sequence[EditRequest], tokenizer, *, seed: int, step: int,
              batch_size: int, n_edits: int, seq2seq: bool, max_length: int,
-             loc_neighbors: bool = False, n_edits_dist: str = "fixed") -> dict:
+             loc_neighbors: bool | float = False, n_edits_dist: str = "fixed") -> dict:
     """The training batch of a given step: a pure function of (seed, step).
 
     The first k sampled requests are edited together; the locality rows are the loc pairs of

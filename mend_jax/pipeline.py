@@ -1,9 +1,9 @@
 """The whole job, as library functions the CLIs call: prepare, meta-train, evaluate.
 
 `prepare(cfg)` gives the base model, its tokenizer and the edit splits; `train(cfg)` meta-trains
-MEND, evaluates it against the baselines and writes the best editor as an artifact (`editor/`,
-with the base model it was built on in `base_model/` when the run built it); `load_run(run_dir)`
-reloads a trained run.
+the editor `alg.method` names (MEND, KE or ENN), evaluates it against the baselines and writes
+the best editor as an artifact (`editor/`, with the base model it was built on in `base_model/`
+when the run built it); `load_run(run_dir)` reloads a trained run.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from mend_jax.data import (
     EditRequest,
     benchmark_texts,
     build_geonames_benchmark,
-    build_word_tokenizer,
+    build_tokenizer,
     load_requests,
     write_benchmark,
 )
-from mend_jax.editors import MEND, MENDConfig, make_editor
+from mend_jax.editors import make_editor
 from mend_jax.evaluation import evaluate_editor, evaluate_sequential, format_table
 from mend_jax.loop import LoopConfig, train_editor
 from mend_jax.models import Model, load_pretrained, save_pretrained
@@ -41,7 +41,9 @@ from mend_jax.training import MetaTrainer, TrainConfig
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-METHODS = ("mend", "untrained", "ultraedit", "ft", "ft_l", "ft_kl")
+# The meta-trained editors: a run trains the one its `alg.method` names (default mend).
+TRAINED = ("mend", "ke", "enn")
+METHODS = ("mend", "ke", "enn", "untrained", "ultraedit", "ft", "ft_l", "ft_kl")
 
 
 @dataclass
@@ -64,8 +66,10 @@ def prepare(cfg: dict, progress: bool | None = None) -> Prepared:
     mcfg, dcfg = cfg["model"], cfg["data"]
     info: dict = {}
     if dcfg["format"] == "geonames":
-        bench = build_geonames_benchmark(seed=cfg["seed"], n_val=dcfg["n_val"],
-                                         n_test=dcfg["n_test"], n_train=dcfg.get("n_train"))
+        bench = build_geonames_benchmark(
+            seed=cfg["seed"], n_val=dcfg["n_val"], n_test=dcfg["n_test"],
+            n_train=dcfg.get("n_train"),
+            edit_forms=tuple(dcfg.get("edit_forms", ["statement"])))
         paths = write_benchmark(bench, Path(cfg["out_dir"]) / "data")
         # Read the splits back through the real zsRE loader: the default exercises the same path
         # a user's data file takes.
@@ -84,7 +88,8 @@ def prepare(cfg: dict, progress: bool | None = None) -> Prepared:
                              "name a checkpoint folder or hub name with model.name=...")
         from mend_jax.pretrain import cached_base_model
 
-        tokenizer = build_word_tokenizer(benchmark_texts(bench))
+        tok_cfg = dict(mcfg.get("tokenizer") or {"kind": "word"})
+        tokenizer = build_tokenizer(tok_cfg.pop("kind"), benchmark_texts(bench), **tok_cfg)
         pre = dict(mcfg["pretrain"], max_length=mcfg["max_length"], seed=cfg["seed"])
         model, acc = cached_base_model(cfg["cache_dir"], bench["facts"], tokenizer,
                                        dict(mcfg["build"]), pre, progress=progress)
@@ -95,6 +100,10 @@ def prepare(cfg: dict, progress: bool | None = None) -> Prepared:
                           model.tokenizer, _dtype(cfg["dtype"]))
     else:
         model = load_pretrained(mcfg["name"], dtype=_dtype(cfg.get("dtype", "float32")))
+        if not (model.seq2seq or model.shift_labels):
+            raise ValueError(f"model.name={mcfg['name']}: a {model.arch.name} model with "
+                             f"{model.targets!r} targets; the edit pipeline serves text-generating "
+                             "models (decoder-only or seq2seq) only")
         tokenizer = model.tokenizer
         if tokenizer is None:
             raise ValueError(f"{mcfg['name']}: no tokenizer files next to the checkpoint")
@@ -145,16 +154,27 @@ def train_config(cfg: dict) -> TrainConfig:
     return TrainConfig(**tcfg)
 
 
-def build_mend(cfg: dict, model: Model) -> MEND:
-    return MEND(model, inner_params(cfg, model), MENDConfig(**cfg["alg"]["editor"]))
+def alg_method(cfg: dict) -> str:
+    """The meta-trained editor of a config: `alg.method` (configs written before it: mend)."""
+    return cfg.get("alg", {}).get("method", "mend")
 
 
-def evaluate_all(cfg: dict, prep: Prepared, mend: MEND, editor_state: dict, *,
+def build_editor(cfg: dict, model: Model):
+    """The editor `alg.method` names (MEND, KE or ENN), built from `alg.editor`."""
+    return make_editor(alg_method(cfg), model, inner_params(cfg, model), **cfg["alg"]["editor"])
+
+
+def evaluate_all(cfg: dict, prep: Prepared, mend, editor_state: dict, *,
                  methods=None, requests=None, n_edits: int | None = None,
                  progress: bool = False, sequential: int | None = None) -> dict:
     """Held-out metrics of every method on the same requests; with `sequential` = T, T batches
-    of `n_edits` edits applied one after another (`evaluate_sequential`)."""
+    of `n_edits` edits applied one after another (`evaluate_sequential`).
+
+    `mend` is the run's trained editor (MEND, KE or ENN, as `alg.method` says); it is reported
+    under its method's name, and the entry "mend" of `methods` (the default list's) stands for
+    it whichever it is. "untrained" is a freshly initialised editor of the same kind."""
     ecfg = cfg["eval"]
+    trained = alg_method(cfg)
     methods = list(methods or ecfg["methods"])
     requests = list(requests if requests is not None else prep.splits[ecfg["split"]])
     if ecfg.get("max_examples"):
@@ -165,8 +185,13 @@ def evaluate_all(cfg: dict, prep: Prepared, mend: MEND, editor_state: dict, *,
     for method in methods:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
-        if method == "mend":
-            editor, state = mend, editor_state
+        if method in TRAINED:
+            if method not in ("mend", trained):
+                raise ValueError(f"eval method {method!r}: this run trained {trained}")
+            if method != trained:
+                log.info("eval method mend: the run's trained %s editor, reported as %r",
+                         trained, trained)
+            method, editor, state = trained, mend, editor_state
         elif method == "untrained":
             editor, state = mend, mend.init(jax.random.key(cfg["seed"]))
         else:
@@ -188,7 +213,7 @@ def evaluate_all(cfg: dict, prep: Prepared, mend: MEND, editor_state: dict, *,
 
 
 def train(cfg: dict, *, resume: bool = False) -> tuple[Path, dict]:
-    """Meta-train MEND as configured, then evaluate all methods; writes results.json."""
+    """Meta-train the configured editor, then evaluate all methods; writes results.json."""
     run_dir = Path(cfg["out_dir"])
     if not resume and (run_dir / "checkpoints").exists():
         # Never overwrite a finished or interrupted run: a fresh run goes next to it.
@@ -208,7 +233,7 @@ def _train(cfg: dict, run_dir: Path, resume: bool) -> tuple[Path, dict]:
     t0 = time.time()
     prep = prepare(cfg)
     t_prep = time.time() - t0
-    mend = build_mend(cfg, prep.model)
+    mend = build_editor(cfg, prep.model)
     loop_cfg = LoopConfig(**cfg["alg"]["loop"])
     trainer = MetaTrainer(mend, train_config(cfg))
     summary = train_editor(trainer, prep.model.params, prep.splits["train"], prep.splits["val"],
@@ -256,7 +281,7 @@ def strict_json(value: Any) -> Any:
     return value
 
 
-def load_run(run_dir: str | Path, overrides: dict | None = None) -> tuple[dict, Prepared, MEND,
+def load_run(run_dir: str | Path, overrides: dict | None = None) -> tuple[dict, Prepared, Any,
                                                                           dict]:
     """(config, prepared model/data, editor, best editor state) of a trained run."""
     run_dir = Path(run_dir)
@@ -268,7 +293,7 @@ def load_run(run_dir: str | Path, overrides: dict | None = None) -> tuple[dict, 
     for k, v in (overrides or {}).items():
         cfg[k] = v
     prep = prepare(cfg, progress=False)
-    mend = build_mend(cfg, prep.model)
+    mend = build_editor(cfg, prep.model)
     state, _ = load_best_editor(run_dir, mend.init(jax.random.key(0)))
     return cfg, prep, mend, state
 

@@ -26,8 +26,13 @@ from mend_jax.models import Model, from_config, load_pretrained, save_pretrained
 log = logging.getLogger(__name__)
 
 
-def cache_key(facts: Sequence[tuple[str, str]], model_cfg: dict, train_cfg: dict) -> str:
-    blob = json.dumps([list(map(list, facts)), model_cfg, train_cfg], sort_keys=True).encode()
+def cache_key(facts: Sequence[tuple[str, str]], model_cfg: dict, train_cfg: dict,
+              tokenizer=None) -> str:
+    """A digest of everything the cached base model depends on (the tokenizer's vocabulary and
+    merges included: the same facts under another tokenizer are another model)."""
+    vocab = tokenizer.backend_tokenizer.to_str() if tokenizer is not None else None
+    blob = json.dumps([list(map(list, facts)), model_cfg, train_cfg, vocab],
+                      sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -105,7 +110,7 @@ def pretrain_on_facts(
 def cached_base_model(cache_dir: str | Path, facts, tokenizer, model_cfg: dict, train_cfg: dict,
                       progress: bool = True) -> tuple[Model, float]:
     """Load the pretrained base model from the cache, or train and cache it."""
-    folder = Path(cache_dir) / f"base-{cache_key(facts, model_cfg, train_cfg)}"
+    folder = Path(cache_dir) / f"base-{cache_key(facts, model_cfg, train_cfg, tokenizer)}"
     info = folder / "pretrain.json"
     if info.exists() and (folder / "model.safetensors").exists():
         acc = json.loads(info.read_text())["fact_accuracy"]

@@ -460,36 +460,52 @@ def test_geonames_splits_disjoint(bench):
     assert not keys["val"] & keys["test"]
 
 
+def _all_templates(heldout: bool | None = None) -> list[str]:
+    """Every template of every relation and form (only training / held-out ones if asked)."""
+    from mend_jax.data.geonames import FORMS
+
+    kinds = (False, True) if heldout is None else (heldout,)
+    return [t for rel in RELATIONS.values() for f in FORMS for h in kinds
+            for t in rel.templates(f, heldout=h)]
+
+
 def _subject_of(prompt: str) -> str:
     """The subject filled into a training template (the longest match, for "X North")."""
     found = []
-    for rel in RELATIONS.values():
-        for t in rel.train_templates:
-            head, tail = t.split("{}")
-            if prompt.startswith(head) and prompt.endswith(tail):
-                found.append(prompt[len(head) : len(prompt) - len(tail)])
+    for t in _all_templates(heldout=False):
+        head, tail = t.split("{}")
+        if prompt.startswith(head) and prompt.endswith(tail):
+            found.append(prompt[len(head) : len(prompt) - len(tail)])
     return max(found, key=len)
 
 
 def test_geonames_templates_and_targets(bench):
     facts = set(bench["facts"])
     fact_prompts = {p for p, _ in facts}
-    heldout = [t for rel in RELATIONS.values() for t in rel.heldout_templates]
-    heldout_marks = [t.split("{}")[0] + "|" + t.split("{}")[1] for t in heldout]
+    heldout = _all_templates(heldout=True)
 
-    def uses_heldout(prompt: str, subject: str | None) -> bool:
-        return subject is not None and any(t.replace("{}", subject) == prompt for t in heldout)
+    def fills(templates, prompt: str, subject: str | None) -> bool:
+        return subject is not None and any(t.replace("{}", subject) == prompt for t in templates)
 
-    assert heldout_marks  # every relation holds out at least one template
+    statements = [t for rel in RELATIONS.values() for t in rel.train_templates]
+    questions = [t for rel in RELATIONS.values() for t in rel.questions + rel.heldout_questions]
     for rel in RELATIONS.values():
-        assert rel.heldout_templates and not set(rel.heldout_templates) & set(rel.train_templates)
+        for form in ("statement", "question"):
+            train, held = rel.templates(form), rel.templates(form, heldout=True)
+            assert train and held and not set(train) & set(held)
     for split in ("train", "val", "test"):
         for r in bench[split]:
             assert r.target_new != r.target_true and r.target_true is not None
             assert (r.prompt, r.target_true) in facts  # edit prompt: a training template
-            assert not uses_heldout(r.prompt, r.subject)
-            assert r.rephrases and all(uses_heldout(p, r.subject) for p in r.rephrases)
-            assert not set(r.rephrases) & fact_prompts
+            assert fills(statements, r.prompt, r.subject)  # of the edit form (statements)
+            assert len(r.rephrase_forms) == len(r.rephrases)
+            for p, form in zip(r.rephrases, r.rephrase_forms, strict=True):
+                if form == "statement":  # the edit form: held-out templates only
+                    assert fills(heldout, p, r.subject) and p not in fact_prompts
+                else:  # another form: only on the test split, any of its templates
+                    assert split == "test" and form == "question"
+                    assert fills(questions, p, r.subject)
+            assert ("question" in r.rephrase_forms) == (split == "test")
             assert (r.loc_prompt, r.loc_target) in facts
             assert _subject_of(r.loc_prompt) not in (r.subject, r.target_new)
             for p, a in r.neighborhood:
@@ -497,10 +513,28 @@ def test_geonames_templates_and_targets(bench):
             texts = [r.prompt, r.target_new, r.loc_prompt, *r.rephrases]
             assert all(t.isascii() for t in texts)
             assert 1 <= len(r.target_new.split()) <= 3
-    # No held-out template leaks into the facts the base model is trained on.
+    # No held-out template leaks into the facts the base model is trained on; both forms do.
+    assert not {p for p, _ in facts} & {t.replace("{}", r.subject) for r in bench["test"]
+                                        for t in heldout}
+    assert any(p.startswith("Q: ") for p in fact_prompts) and any(
+        p.endswith("?") for p in fact_prompts)
     for p, a in bench["facts"]:
         assert p.isascii() and a.isascii() and 1 <= len(a.split()) <= 3
     assert sum(bool(r.neighborhood) for r in bench["test"]) > 100
+
+
+def test_geonames_question_edit_form():
+    """edit_forms=("question",): the editor's prompts are questions and the test rephrases add
+    every statement template; a bad form is refused."""
+    b = build_geonames_benchmark(seed=0, n_train=20, n_val=5, n_test=10,
+                                 edit_forms=("question",))
+    questions = {t for rel in RELATIONS.values() for t in rel.questions}
+    for r in b["train"] + b["test"]:
+        assert any(t.replace("{}", r.subject) == r.prompt for t in questions)
+    assert all("statement" not in r.rephrase_forms for r in b["train"])
+    assert all("statement" in r.rephrase_forms for r in b["test"])
+    with pytest.raises(ValueError, match="edit_forms"):
+        build_geonames_benchmark(seed=0, edit_forms=("cloze",))
 
 
 def test_geonames_write_load_roundtrip(bench, tmp_path):
@@ -521,6 +555,32 @@ def test_geonames_word_tokenizer(bench):
         for s in (r.prompt, *r.rephrases, r.target_new):
             ids = tok(s)["input_ids"]
             assert tok.unk_token_id not in ids and tok.decode(ids) == normalize_words(s)
+
+
+def test_bpe_tokenizer_encodes_every_string(bench):
+    """The default's byte-level BPE: no unknown token exists, and any string in any script
+    (and random code points) decodes back exactly; the vocabulary depends only on the texts."""
+    from mend_jax.data import build_bpe_tokenizer, build_tokenizer
+
+    texts = benchmark_texts(bench)
+    tok = build_bpe_tokenizer(texts, vocab_size=1024)
+    assert tok.unk_token_id is None and len(tok) == 1024
+    rng = np.random.default_rng(0)
+    samples = ["Lyon", " São Paulo", "東京", "Кыргызстан", "القاهرة", "Zyzzyva 42!", "\t a\nb ",
+               "".join(chr(c) for c in rng.integers(32, 0x2FFFF, 60) if not 0xD800 <= c < 0xE000)]
+    for s in samples:
+        ids = tok(s, add_special_tokens=False)["input_ids"]
+        assert ids and tok.decode(ids) == s
+    batch = tokenize_pairs(tok, ["The capital of France is"], ["Lyon"], seq2seq=False,
+                           max_length=16)
+    labels = batch["labels"][0]
+    assert tok.decode(labels[labels != IGNORE].tolist()) == " Lyon"
+    shuffled = list(reversed(texts))
+    assert build_tokenizer("bpe", shuffled, vocab_size=1024).get_vocab() == tok.get_vocab()
+    with pytest.raises(ValueError, match="at least"):
+        build_bpe_tokenizer(texts, vocab_size=100)
+    with pytest.raises(ValueError, match="bpe or 'word'|'bpe' or 'word'"):
+        build_tokenizer("sentencepiece", texts)
 
 
 def test_make_edit_batch_and_iterator(bench):
@@ -594,6 +654,30 @@ def test_make_edit_batch_loc_neighbors(bench):
             assert row(hard, i) == row(plain, i) == own
     for key in ("edit_inner", "edit_outer"):
         np.testing.assert_array_equal(plain[key]["input_ids"], hard[key]["input_ids"])
+
+
+def test_make_edit_batch_loc_neighbors_fraction(bench):
+    """A fraction in (0, 1) replaces some edited requests' loc rows by a neighbour, not all;
+    0.0 replaces none and 1.0 is `True`."""
+    tok = build_word_tokenizer(benchmark_texts(bench))
+    reqs = [r for r in bench["train"] if r.neighborhood][:40]
+
+    def n_replaced(frac):
+        b = make_edit_batch(tok, reqs, seq2seq=False, max_length=24,
+                            rng=np.random.default_rng(0), loc_neighbors=frac)
+        plain = make_edit_batch(tok, reqs, seq2seq=False, max_length=24,
+                                rng=np.random.default_rng(0))
+        return int((b["loc"]["input_ids"] != plain["loc"]["input_ids"]).any(-1).sum()), b
+
+    assert n_replaced(0.0)[0] == 0
+    assert 8 <= n_replaced(0.5)[0] <= 32
+    n_all, b_all = n_replaced(1.0)
+    assert n_all >= 36  # a neighbour may equal the loc pair by chance, rarely
+    np.testing.assert_array_equal(b_all["loc"]["input_ids"],
+                                  n_replaced(True)[1]["loc"]["input_ids"])
+    with pytest.raises(ValueError, match="fraction"):
+        make_edit_batch(tok, reqs, seq2seq=False, max_length=24,
+                        rng=np.random.default_rng(0), loc_neighbors=1.5)
 
 
 def test_edit_request_is_frozen():

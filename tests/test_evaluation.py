@@ -144,3 +144,64 @@ def test_too_few_requests_is_an_error(setup):
     with pytest.raises(ValueError, match="n_edits=8"):
         evaluate_editor(model, ft, ft.init(), model.params, REQUESTS, tokenizer, n_edits=8,
                         max_length=MAX_LENGTH)
+
+
+def _row_stats(model, tokenizer, pairs):
+    """(mean token NLL, whole-target correct) of each (prompt, target) under the base model."""
+    import numpy as np
+
+    from mend_jax.data import tokenize_pairs
+    from mend_jax.metrics import sequence_correct, token_log_probs
+
+    b = tokenize_pairs(tokenizer, [p for p, _ in pairs], [t for _, t in pairs], seq2seq=False,
+                       max_length=MAX_LENGTH)
+    logits = model.logits(model.params, b["input_ids"], b["attention_mask"])
+    logp, mask = token_log_probs(logits, b["labels"], True)
+    nll = -(np.asarray(logp) * np.asarray(mask)).sum(-1) / np.asarray(mask).sum(-1)
+    return nll, np.asarray(sequence_correct(logits, b["labels"], True))
+
+
+def test_counterfact_scores_and_generality_by_form(setup):
+    """With an edit that changes nothing, efficacy / paraphrase / neighbourhood scores and the
+    per-form generality equal the base model's own comparisons, request by request; requests
+    without target_true do not count in the scores."""
+    import dataclasses
+
+    import numpy as np
+
+    model, tokenizer = setup
+    forms = ("statement", "question")
+    reqs = []
+    for i, r in enumerate(REQUESTS):
+        r = dataclasses.replace(r, rephrase_forms=tuple(forms[(i + j) % 2]
+                                                        for j in range(len(r.rephrases))))
+        reqs.append(dataclasses.replace(r, target_true=None) if i == 2 else r)
+    ft = FineTune(model, config=FTConfig(steps=0))
+    m = evaluate_editor(model, ft, ft.init(), model.params, reqs, tokenizer,
+                        max_length=MAX_LENGTH, seed=None, timed_edits=0)
+
+    def fraction(rows):  # rows: per request, a list of booleans (empty: not counted)
+        return float(np.mean([np.mean(x) for x in rows if x]))
+
+    eff, par, nbh, by_form = [], [], [], {f: [] for f in forms}
+    for r in reqs:
+        outer = r.rephrases or (r.prompt,)
+        nll_new, ok_new = _row_stats(model, tokenizer, [(p, r.target_new)
+                                                        for p in (r.prompt, *outer)])
+        if r.target_true:
+            nll_true, _ = _row_stats(model, tokenizer, [(p, r.target_true)
+                                                        for p in (r.prompt, *outer)])
+            eff.append([nll_new[0] < nll_true[0]])
+            par.append(list(nll_new[1:] < nll_true[1:]))
+        if r.neighborhood:
+            a, _ = _row_stats(model, tokenizer, list(r.neighborhood))
+            b, _ = _row_stats(model, tokenizer, [(p, r.target_new) for p, _ in r.neighborhood])
+            nbh.append(list(a < b))
+        for f in forms:
+            by_form[f].append([bool(c) for c, g in zip(ok_new[1:], r.rephrase_forms) if g == f])
+    assert m["efficacy_score"] == pytest.approx(fraction(eff))
+    assert m["paraphrase_score"] == pytest.approx(fraction(par))
+    assert m["neighborhood_score"] == pytest.approx(fraction(nbh))
+    for f in forms:
+        assert m[f"generality_{f}"] == pytest.approx(fraction(by_form[f]))
+    assert 0 < m["paraphrase_score"] < 1  # a random model: a real mix, not a constant

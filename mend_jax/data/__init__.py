@@ -11,7 +11,12 @@ from mend_jax.data.geonames import RELATIONS, build_geonames_benchmark
 from mend_jax.data.geonames_files import SPLITS, benchmark_texts, load_facts, write_benchmark
 from mend_jax.data.load import FORMATS, load_requests, sniff_format
 from mend_jax.data.request import DataError, EditRequest
-from mend_jax.data.tokenizer import build_word_tokenizer, normalize_words
+from mend_jax.data.tokenizer import (
+    build_bpe_tokenizer,
+    build_tokenizer,
+    build_word_tokenizer,
+    normalize_words,
+)
 from mend_jax.data.wikitext import load_wikitext, read_passages
 from mend_jax.data.zsre import load_zsre_easyedit, load_zsre_mend
 
@@ -24,7 +29,9 @@ __all__ = [
     "EditRequest",
     "batch_iterator",
     "benchmark_texts",
+    "build_bpe_tokenizer",
     "build_geonames_benchmark",
+    "build_tokenizer",
     "build_word_tokenizer",
     "load_counterfact",
     "load_facts",

@@ -172,6 +172,21 @@ def get_str_list(record: dict[str, Any], field: str, where: Where) -> list[str]:
     return out
 
 
+def get_forms(record: dict[str, Any], rephrases: tuple[str, ...], where: Where) -> tuple[str, ...]:
+    """The optional `rephrase_forms` field, {rephrase: surface form}, in `rephrases`' order;
+    () when absent. Every rephrase must have a form."""
+    if "rephrase_forms" not in record:
+        return ()
+    value = record["rephrase_forms"]
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and v for k, v in value.items()):
+        raise where.error("rephrase_forms", "expected an object {rephrase: form name}")
+    missing = [p for p in rephrases if p not in value]
+    if missing:
+        raise where.error("rephrase_forms", f"no form for rephrase {missing[0]!r}")
+    return tuple(value[p] for p in rephrases)
+
+
 def dedupe(items: list[str], exclude: str | None = None) -> tuple[str, ...]:
     """Unique items in first-seen order, without `exclude`."""
     seen: dict[str, None] = {}

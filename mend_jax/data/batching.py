@@ -178,7 +178,7 @@ def make_edit_batch(
     n_edits: int | None = None,
     max_target_length: int | None = None,
     neighborhood: bool = True,
-    loc_neighbors: bool = False,
+    loc_neighbors: bool | float = False,
 ) -> dict[str, Batch]:
     """Build the edit_inner / edit_outer / loc (/ neighborhood) batches of one training step.
 
@@ -189,8 +189,13 @@ def make_edit_batch(
     its true target (falling back to the loc pair), [n_edits, L]. With `loc_neighbors`, the
     loc rows of the edited requests are one of their neighbourhood pairs instead (chosen with
     `rng`; the loc pair when a request has none): locality is then also enforced on the
-    hardest cases, other subjects that share the edited fact's true object.
+    hardest cases, other subjects that share the edited fact's true object. A float in (0, 1)
+    replaces each such row with that probability (drawn with `rng`); True is 1.0.
     """
+    frac = float(loc_neighbors)
+    if not 0.0 <= frac <= 1.0:
+        raise ValueError(f"loc_neighbors must be a bool or a fraction in [0, 1], got "
+                         f"{loc_neighbors!r}")
     k = len(requests) if n_edits is None else n_edits
     if not 0 < k <= len(requests):
         raise ValueError(f"n_edits={n_edits} with {len(requests)} requests")
@@ -209,9 +214,9 @@ def make_edit_batch(
         "edit_outer": tokenize_pairs(tokenizer, outer, new, **kw),
     }
     loc = [(r.loc_prompt, r.loc_target) for r in requests]
-    if loc_neighbors:
+    if frac > 0.0:
         for i, r in enumerate(edits):
-            if r.neighborhood:
+            if r.neighborhood and (frac >= 1.0 or rng.random() < frac):
                 loc[i] = r.neighborhood[rng.integers(len(r.neighborhood))]
     batch["loc"] = tokenize_pairs(tokenizer, [p for p, _ in loc], [t for _, t in loc], **kw)
     if neighborhood:

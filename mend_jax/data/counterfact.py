@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mend_jax.data._io import Where, dedupe, get, get_str, get_str_list, read_records
+from mend_jax.data._io import (
+    Where,
+    dedupe,
+    get,
+    get_forms,
+    get_str,
+    get_str_list,
+    read_records,
+)
 from mend_jax.data.request import DataError, EditRequest
 from mend_jax.data.zsre import _pairs, _portability, strip_nq_prefix
 
@@ -43,12 +51,14 @@ def load_counterfact(path: str | Path) -> list[EditRequest]:
             neighborhood = _pairs(rec["neighborhood"], where, "neighborhood")
         else:
             neighborhood = tuple((p, target_true) for p in neighbors)
+        rephrases_t = dedupe(paraphrases, exclude=prompt)
         out.append(
             EditRequest(
                 prompt=prompt,
                 target_new=target_new,
                 target_true=target_true,
-                rephrases=dedupe(paraphrases, exclude=prompt),
+                rephrases=rephrases_t,
+                rephrase_forms=get_forms(rec, rephrases_t, where),
                 loc_prompt=loc_prompt,
                 loc_target=loc_target,
                 neighborhood=neighborhood,

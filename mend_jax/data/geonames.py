@@ -18,13 +18,29 @@ import numpy as np
 
 from mend_jax.data.request import EditRequest
 
+FORMS = ("statement", "question")  # surface forms of a fact's prompt
+
 
 @dataclass(frozen=True)
 class Relation:
-    """A relation's prompt templates (`{}` is the subject)."""
+    """A relation's prompt templates (`{}` is the subject), by surface form.
+
+    Statements end where the object follows ("The capital of {} is"); questions are zsRE-style
+    ("What is the capital of {}?", or a "Q: ... A:" pair). The base model is taught every
+    fact under the training templates of both forms; held-out templates never reach it.
+    """
 
     train_templates: tuple[str, ...]
     heldout_templates: tuple[str, ...]
+    questions: tuple[str, ...]
+    heldout_questions: tuple[str, ...]
+
+    def templates(self, form: str, heldout: bool = False) -> tuple[str, ...]:
+        if form not in FORMS:
+            raise ValueError(f"surface form must be one of {FORMS}, got {form!r}")
+        if form == "statement":
+            return self.heldout_templates if heldout else self.train_templates
+        return self.heldout_questions if heldout else self.questions
 
 
 RELATIONS: dict[str, Relation] = {
@@ -35,7 +51,13 @@ RELATIONS: dict[str, Relation] = {
             "The capital city of {} is",
             "{} has its capital in",
         ),
-        ("What is the capital of {}? It is", "The seat of government of {} is"),
+        ("The seat of government of {} is", "The government of {} sits in"),
+        (
+            "What is the capital of {}?",
+            "Which city is the capital of {}?",
+            "Q: What is the capital city of {}? A:",
+        ),
+        ("What city is the capital of {}?", "Q: Where is the capital of {}? A:"),
     ),
     "continent": Relation(
         (
@@ -43,7 +65,13 @@ RELATIONS: dict[str, Relation] = {
             "{} is a country in",
             "The continent where {} lies is",
         ),
-        ("Which continent is {} in? It is in", "{} belongs to the continent of"),
+        ("{} belongs to the continent of", "{} lies on the continent of"),
+        (
+            "Which continent is {} in?",
+            "On which continent is {}?",
+            "Q: What continent is {} located in? A:",
+        ),
+        ("What continent does {} belong to?", "Q: Where in the world is {}? A:"),
     ),
     "currency": Relation(
         (
@@ -51,7 +79,13 @@ RELATIONS: dict[str, Relation] = {
             "In {}, people pay with the",
             "The official currency of {} is the",
         ),
-        ("What currency is used in {}? The", "The money used in {} is the"),
+        ("The money used in {} is the", "Prices in {} are given in the"),
+        (
+            "What is the currency of {}?",
+            "Which currency is used in {}?",
+            "Q: What money do people use in {}? A:",
+        ),
+        ("What currency does {} use?", "Q: What do people in {} pay with? A:"),
     ),
     "language": Relation(
         (
@@ -59,15 +93,33 @@ RELATIONS: dict[str, Relation] = {
             "In {}, the main language is",
             "People in {} mostly speak",
         ),
-        ("What language is spoken in {}? It is", "The primary language of {} is"),
+        ("The primary language of {} is", "Most people in {} speak"),
+        (
+            "What is the official language of {}?",
+            "Which language is spoken in {}?",
+            "Q: What language do people in {} speak? A:",
+        ),
+        ("What language is mainly spoken in {}?", "Q: What is the main language of {}? A:"),
     ),
     "neighbour": Relation(
         ("{} shares a border with", "{} is a neighbour of", "A country bordering {} is"),
-        ("Which country borders {}? It is", "{} has a common border with"),
+        ("{} has a common border with", "{} borders the country of"),
+        (
+            "Which country borders {}?",
+            "What is a neighbouring country of {}?",
+            "Q: Which country shares a border with {}? A:",
+        ),
+        ("Which country is next to {}?", "Q: Name a country on the border of {}. A:"),
     ),
     "city_country": Relation(
         ("{} is a city in", "{} is located in the country of", "The city of {} is in"),
-        ("In which country is {}? It is in", "{} can be found in the country of"),
+        ("{} can be found in the country of", "{} is a city located in"),
+        (
+            "In which country is {}?",
+            "Which country is {} in?",
+            "Q: What country is the city of {} in? A:",
+        ),
+        ("In what country is the city of {}?", "Q: Where is {} located? A:"),
     ),
 }
 
@@ -282,15 +334,24 @@ def build_geonames_benchmark(
     min_population: int = 100_000,
     n_neighborhood: int = 5,
     relations: tuple[str, ...] = tuple(RELATIONS),
+    edit_forms: tuple[str, ...] = ("statement",),
 ) -> dict[str, Any]:
     """Build {"facts", "train", "val", "test"}: true facts and counterfactual edit requests.
 
-    Splits are disjoint in (subject, relation); `n_train=None` puts every remaining fact in
-    train. Each request: prompt = a random training template; rephrases = the relation's
-    held-out templates; target_new = another object of the same relation (never a true one);
-    loc = a true fact of another subject (a (prompt, answer) of `facts`); neighborhood = up to
-    `n_neighborhood` other subjects sharing the true object. Deterministic given `seed`.
+    `facts` = every true fact under every training template of every surface form (what the
+    base model is taught). Splits are disjoint in (subject, relation); `n_train=None` puts every
+    remaining fact in train. Each request: prompt = a training template of one of `edit_forms`;
+    rephrases (with `rephrase_forms`) = the held-out templates of `edit_forms` and, on the test
+    split only, every template of the other forms (generality on a surface form the editor never
+    trained on); target_new = another object of the same relation (never a true one); loc = a
+    true fact of another subject (a (prompt, answer) of `facts`); neighborhood = up to
+    `n_neighborhood` other subjects sharing the true object, in the edit forms' training
+    templates. Deterministic given `seed`.
     """
+    bad = [f for f in edit_forms if f not in FORMS]
+    if bad or not edit_forms:
+        raise ValueError(f"edit_forms must be a non-empty subset of {FORMS}, got {edit_forms}")
+    other_forms = [f for f in FORMS if f not in edit_forms]
     all_tables, true_objects = _tables(min_population, n_cities, max_cities_per_country)
     table = {r: list(all_tables[r]) for r in relations}
 
@@ -298,7 +359,8 @@ def build_geonames_benchmark(
         (_fill(t, s), o)
         for r, pairs in table.items()
         for s, o in pairs
-        for t in RELATIONS[r].train_templates
+        for form in FORMS
+        for t in RELATIONS[r].templates(form)
     ]
     triples = [(r, s, o) for r, pairs in table.items() for s, o in pairs]
     by_object: dict[tuple[str, str], list[str]] = defaultdict(list)
@@ -306,8 +368,9 @@ def build_geonames_benchmark(
         by_object[(r, o)].append(s)
     objects = {r: sorted({o for _, o in pairs}) for r, pairs in table.items()}
 
-    def request(r: str, s: str, o: str, rng: np.random.Generator) -> EditRequest:
+    def request(r: str, s: str, o: str, rng: np.random.Generator, test: bool) -> EditRequest:
         rel = RELATIONS[r]
+        edit_templates = [t for f in edit_forms for t in rel.templates(f)]
         banned = {o, s} | true_objects.get((s, r), set())
         pool = [x for x in objects[r] if x not in banned]
         target_new = pool[rng.integers(len(pool))]
@@ -315,23 +378,28 @@ def build_geonames_benchmark(
             lr, ls, lo = triples[rng.integers(len(triples))]
             if ls not in (s, target_new, o):
                 break
-        loc_templates = RELATIONS[lr].train_templates
+        loc_templates = [t for f in FORMS for t in RELATIONS[lr].templates(f)]
         loc_template = loc_templates[rng.integers(len(loc_templates))]
         others = [x for x in by_object[(r, o)] if x != s]
         picked = rng.permutation(len(others))[:n_neighborhood] if others else []
         neighborhood = tuple(
-            (_fill(rel.train_templates[rng.integers(len(rel.train_templates))], others[j]), o)
+            (_fill(edit_templates[rng.integers(len(edit_templates))], others[j]), o)
             for j in sorted(picked)
         )
+        rephrases = [(f, t) for f in edit_forms for t in rel.templates(f, heldout=True)]
+        if test:
+            rephrases += [(f, t) for f in other_forms
+                          for t in rel.templates(f) + rel.templates(f, heldout=True)]
         return EditRequest(
-            prompt=_fill(rel.train_templates[rng.integers(len(rel.train_templates))], s),
+            prompt=_fill(edit_templates[rng.integers(len(edit_templates))], s),
             target_new=target_new,
             target_true=o,
-            rephrases=tuple(_fill(t, s) for t in rel.heldout_templates),
+            rephrases=tuple(_fill(t, s) for _, t in rephrases),
             loc_prompt=_fill(loc_template, ls),
             loc_target=lo,
             neighborhood=neighborhood,
             subject=s,
+            rephrase_forms=tuple(f for f, _ in rephrases),
         )
 
     order = np.random.default_rng(seed).permutation(len(triples))
@@ -348,7 +416,8 @@ def build_geonames_benchmark(
     rngs = {name: np.random.default_rng([seed, i]) for i, name in enumerate(splits)}
     return {
         "facts": facts,
-        **{name: [request(*t, rngs[name]) for t in split] for name, split in splits.items()},
+        **{name: [request(*t, rngs[name], name == "test") for t in split]
+           for name, split in splits.items()},
         # The relation of each request, in split order (for per-relation metrics).
         "relations": {
             "train": [t[0] for t in train],

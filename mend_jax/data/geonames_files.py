@@ -66,6 +66,12 @@ def _zsre_record(i: int, r: EditRequest) -> dict[str, Any]:
         "loc_ans": r.loc_target,
         "neighborhood": [list(p) for p in r.neighborhood],
     }
+    return _extras(rec, r)
+
+
+def _extras(rec: dict[str, Any], r: EditRequest) -> dict[str, Any]:
+    if r.rephrase_forms:
+        rec["rephrase_forms"] = dict(zip(r.rephrases, r.rephrase_forms, strict=True))
     if r.portability:
         rec["portability"] = [{"New Question": q, "New Answer": a} for q, a in r.portability]
     return rec
@@ -90,6 +96,4 @@ def _counterfact_record(i: int, r: EditRequest) -> dict[str, Any]:
     }
     if any(a != r.target_true for _, a in r.neighborhood):
         rec["neighborhood"] = [list(p) for p in r.neighborhood]
-    if r.portability:
-        rec["portability"] = [{"New Question": q, "New Answer": a} for q, a in r.portability]
-    return rec
+    return _extras(rec, r)

@@ -21,3 +21,11 @@ class EditRequest:
     neighborhood: tuple[tuple[str, str], ...] = ()
     portability: tuple[tuple[str, str], ...] = ()  # optional (prompt, answer)
     subject: str | None = None
+    # The surface form of each rephrase (e.g. "statement", "question"), parallel to `rephrases`;
+    # empty when unknown. Evaluation reports generality per form when it is given.
+    rephrase_forms: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.rephrase_forms and len(self.rephrase_forms) != len(self.rephrases):
+            raise ValueError(f"{len(self.rephrase_forms)} rephrase_forms for "
+                             f"{len(self.rephrases)} rephrases")

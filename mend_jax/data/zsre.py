@@ -6,7 +6,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from mend_jax.data._io import Where, dedupe, get, get_str, get_str_list, read_records
+from mend_jax.data._io import (
+    Where,
+    dedupe,
+    get,
+    get_forms,
+    get_str,
+    get_str_list,
+    read_records,
+)
 from mend_jax.data.request import DataError, EditRequest
 
 log = logging.getLogger(__name__)
@@ -139,12 +147,14 @@ def load_zsre_easyedit(path: str | Path) -> list[EditRequest]:
             _pairs(rec["neighborhood"], where, "neighborhood") if "neighborhood" in rec else ()
         )
         subject = rec.get("subject")
+        rephrases_t = dedupe(rephrases, exclude=prompt)
         out.append(
             EditRequest(
                 prompt=prompt,
                 target_new=target_new,
                 target_true=answers[0] if answers else None,
-                rephrases=dedupe(rephrases, exclude=prompt),
+                rephrases=rephrases_t,
+                rephrase_forms=get_forms(rec, rephrases_t, where),
                 loc_prompt=loc_prompt,
                 loc_target=get_str(rec, "loc_ans", where),
                 neighborhood=neighborhood,
