@@ -85,6 +85,10 @@ def _fit_lengths(tokenizer, prompts, targets, seq2seq: bool) -> tuple[int, int |
 
 
 def _batch(model: Model, tokenizer, prompts, targets, max_length: int | None, what: str) -> dict:
+    if not (model.seq2seq or model.shift_labels):
+        raise EditInputError(f"a {model.arch.name} model with {model.targets!r} targets has no "
+                             "prompt -> target text form; call `editor.edit` with a batch of "
+                             "its own (input_ids, attention_mask, labels)")
     _check_pairs(tokenizer, prompts, targets, model.seq2seq, what)
     target_length = None
     if max_length is None:

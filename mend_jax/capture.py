@@ -62,19 +62,24 @@ def model_inputs(batch: Mapping[str, jax.Array]) -> tuple:
 
 def token_mask_for(param: ParamName, batch: Mapping[str, jax.Array]) -> jax.Array:
     """Which captured tokens of a weight are real: the mask of the token stream it acts on (the
-    name map says which: a T5 decoder's cross-attention k/v act on encoder tokens)."""
+    name map says which: a T5 decoder's cross-attention k/v act on encoder tokens, BERT's pooler
+    and classifier on the [CLS] token alone)."""
+    if param.tokens == "first":
+        return batch["attention_mask"][:, :1]
     return batch[param.mask_key]
 
 
 def answer_mask_for(model, param: ParamName, batch: Mapping[str, jax.Array]) -> jax.Array:
     """The tokens whose output predicts a target token: for a decoder-only model the position
-    before each labelled one, for a seq2seq decoder the labelled positions; a seq2seq encoder
-    has no answer positions of its own, so all its real tokens count (as MALMEN)."""
+    before each labelled one, for a seq2seq decoder or a masked LM the labelled positions; a
+    seq2seq encoder has no answer positions of its own, so all its real tokens count (as
+    MALMEN), and so do a classifier's (its one label per example is read from every token)."""
     labels = batch["labels"]
-    if not model.seq2seq:
+    if model.shift_labels:
         nxt = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE)], 1)
         return (nxt != IGNORE) & (batch["attention_mask"] > 0)
-    if param.tokens == "decoder":
+    labelled = "decoder" if model.seq2seq else "input"
+    if model.targets != "class" and param.tokens == labelled:
         return labels != IGNORE
     return token_mask_for(param, batch) > 0
 
@@ -88,12 +93,13 @@ def capture(
 ) -> tuple[jax.Array, dict[str, Captured], jax.Array]:
     """One forward/backward pass: (loss, {hf_name: Captured}, logits).
 
-    `loss_fn(logits, batch)` defaults to the mean NLL of the batch's labels. Padding tokens are
+    `loss_fn(logits, batch)` defaults to the mean NLL of the batch's labels (aligned as
+    `model.shift_labels` says; a classifier's labels are [B]). Padding tokens are
     masked; label-masked prompt tokens of decoder-only models keep their (genuinely non-zero) δ,
     so Σ_t u_t δ_tᵀ is exactly the weight gradient.
     """
     loss_fn = loss_fn or (
-        lambda logits, b: masked_nll(logits, b["labels"], shift=not model.seq2seq))
+        lambda logits, b: masked_nll(logits, b["labels"], shift=model.shift_labels))
     by_module = {model.names.module_path(n): n for n in inner_params}
     intercept = _interceptor(frozenset(by_module))
     inputs = model_inputs(batch)

@@ -48,6 +48,10 @@ CONFIGS = {
         num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=16),
     "t5": lambda: transformers.T5Config(vocab_size=61, d_model=24, d_kv=8, d_ff=40, num_layers=3,
                                         num_heads=3, decoder_start_token_id=0),
+    # the masked-LM head (labels at their own positions); the classifier has its own test below
+    "bert": lambda: transformers.BertConfig(
+        vocab_size=61, hidden_size=24, num_hidden_layers=2, num_attention_heads=3,
+        intermediate_size=40, max_position_embeddings=16),
 }
 
 
@@ -69,7 +73,7 @@ def test_captured_outer_products_equal_weight_gradients(arch):
     def loss_of(p):
         logits = model.logits(p, batch["input_ids"], batch["attention_mask"],
                               batch.get("decoder_input_ids"), batch.get("decoder_attention_mask"))
-        return masked_nll(logits, batch["labels"], shift=not model.seq2seq)
+        return masked_nll(logits, batch["labels"], shift=model.shift_labels)
 
     ref_loss, grads = jax.value_and_grad(loss_of)(model.params)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
@@ -89,7 +93,7 @@ def every_weight_kind(model) -> list[str]:
     T5 cross-attention q/k/v/o, MLP in/out."""
     return [n.hf for n in model.names.names
             if n.layout in ("linear", "conv1d") and n.tied_to is None
-            and re.search(r"\.(h|layers|block)\.1\.", n.hf)]
+            and re.search(r"\.(h|layers|block)\.1\.|^bert\.encoder\.layer\.1\.", n.hf)]
 
 
 @pytest.mark.parametrize("arch", sorted(CONFIGS))
@@ -110,6 +114,7 @@ def test_every_weight_kind_with_unequal_encoder_decoder_lengths(arch):
         "gptj": {"q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"},
         "llama": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
         "t5": {"q", "k", "v", "o", "wi", "wo"},
+        "bert": {"query", "key", "value", "dense"},  # attention.output, intermediate, output
     }[arch]
     assert kinds == expected, kinds
     if model.seq2seq:
@@ -119,7 +124,7 @@ def test_every_weight_kind_with_unequal_encoder_decoder_lengths(arch):
     def loss_of(p):
         logits = model.logits(p, batch["input_ids"], batch["attention_mask"],
                               batch.get("decoder_input_ids"), batch.get("decoder_attention_mask"))
-        return masked_nll(logits, batch["labels"], shift=not model.seq2seq)
+        return masked_nll(logits, batch["labels"], shift=model.shift_labels)
 
     grads = jax.grad(loss_of)(model.params)
     for name in inner:
@@ -183,3 +188,56 @@ def test_answer_token_editor_sums_over_answer_tokens_only():
         path = model.names.path(name)
         got = np.asarray(get_path(model.params, path) - get_path(new, path))
         np.testing.assert_allclose(got, u[sel].T @ d[sel], rtol=1e-4, atol=1e-6)
+
+def test_bert_classifier_captures_every_weight_kind_with_a_class_loss():
+    """A classifier's loss is the cross-entropy of [B, num_labels] logits against [B] labels:
+    Σ_t u_t δ_tᵀ over the real tokens is the gradient of every dense weight of an encoder layer,
+    and over the one [CLS] token per example that of the pooler and the classifier."""
+    from mend_jax.models import Model, get_architecture, set_path
+
+    cfg = CONFIGS["bert"]()
+    cfg.architectures, cfg.num_labels = ["BertForSequenceClassification"], 3
+    arch = get_architecture("bert")
+    config = arch.config_from_hf(cfg)
+    module = arch.module(config)
+    # N(0, 0.5) weights drawn by numpy from the parameter shapes (no compiled init): far from the
+    # 0.02-scale init, so attention is not uniform and every gradient is far from zero.
+    ids = jnp.zeros((1, 4), jnp.int32)
+    shapes = jax.eval_shape(module.init, jax.random.key(0), ids, None, None, None)["params"]
+    rng = np.random.default_rng(6)
+    params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.5, s.shape), jnp.float32), shapes)
+    model = Model(arch, config, cfg, module, params)
+    batch = decoder_batch(61, [9, 1, 6], seed=5)  # a one-token row: only [CLS] is real
+    batch["labels"] = jnp.array([2, 0, 1])
+    layer = "bert.encoder.layer.0"
+    inner = [f"{layer}.attention.self.{q}.weight" for q in ("query", "key", "value")] + [
+        f"{layer}.{m}.dense.weight" for m in ("attention.output", "intermediate", "output")] + [
+        "bert.pooler.dense.weight", "classifier.weight"]
+    loss, captured, logits = jax.jit(lambda p, b: capture(model, p, b, inner))(params, batch)
+    assert logits.shape == (3, 3)
+
+    def loss_of(weights):  # the gradient of the edited weights only: embeddings' is slow to build
+        p = params
+        for name, w in weights.items():
+            p = set_path(p, model.names.path(name), w)
+        out = model.logits(p, batch["input_ids"], batch["attention_mask"])
+        return -jnp.take_along_axis(jax.nn.log_softmax(out), batch["labels"][:, None], 1).mean()
+
+    weights = {name: get_path(params, model.names.path(name)) for name in inner}
+    ref_loss, grads = jax.jit(jax.value_and_grad(loss_of))(weights)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    # One compiled call for all the sums, numpy for the checks (eager ops compile per shape).
+    pgs = jax.device_get(jax.jit(lambda cap: {
+        n: pseudo_gradient(c.layer_inputs, c.output_grads, c.token_mask)
+        for n, c in cap.items()})(captured))
+    captured, grads = jax.device_get((captured, grads))
+    for name in inner:
+        c = captured[name]
+        one_token = name in ("bert.pooler.dense.weight", "classifier.weight")
+        mask = np.ones(3) if one_token else np.asarray(batch["attention_mask"]).reshape(-1)
+        np.testing.assert_array_equal(c.token_mask, mask, err_msg=name)
+        np.testing.assert_array_equal(c.answer_mask, mask, err_msg=name)
+        ref = grads[name]
+        assert np.abs(ref).max() > 1e-2, name
+        rel = np.linalg.norm(pgs[name] - ref) / np.linalg.norm(ref)
+        assert rel <= 1e-5, (name, rel)

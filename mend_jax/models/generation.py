@@ -44,6 +44,9 @@ def generate(
     No KV cache: every step recomputes the full forward pass over a [B, P + max_new_tokens]
     buffer (see the module docstring for why).
     """
+    if model.targets == "class" or (model.targets == "token" and not model.seq2seq):
+        raise ValueError(f"a {model.arch.name} model with {model.targets!r} targets does not "
+                         "generate text; only decoder-only and seq2seq language models do")
     input_ids = jnp.asarray(input_ids, jnp.int32)
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, length]; got shape {input_ids.shape}")

@@ -41,9 +41,22 @@ class Model:
     def seq2seq(self) -> bool:
         return self.arch.seq2seq
 
+    @property
+    def targets(self) -> str:
+        """What the logits predict: "next_token", "token" or "class" (see `Architecture`)."""
+        if self.arch.targets is not None:
+            return self.arch.targets(self.config)
+        return "token" if self.seq2seq else "next_token"
+
+    @property
+    def shift_labels(self) -> bool:
+        """Whether logits at t predict the label at t+1 (decoder-only language models)."""
+        return self.targets == "next_token"
+
     def logits(self, params, input_ids, attention_mask=None, decoder_input_ids=None,
                decoder_attention_mask=None) -> jax.Array:
-        """Float32 logits [B, T, V] (T = decoder length for seq2seq models)."""
+        """Float32 logits [B, T, V] (T = decoder length for seq2seq models), or [B, num_labels]
+        for a sequence classifier (`targets == "class"`)."""
         return self.module.apply({"params": params}, input_ids, attention_mask,
                                  decoder_input_ids, decoder_attention_mask)
 
@@ -187,7 +200,7 @@ def _params_from_tensors(arch, config, tensors, dtype, source) -> dict:
             nonfinite.append(f"{key} ({n_bad} of {leaf.size} values)")
             continue
         params = set_path(params, n.path, jnp.asarray(leaf, dtype=dtype))
-    known = set(names.by_hf)
+    known = set(names.by_hf) | {n.fallback for n in names.names if n.fallback}
     unexpected = sorted(k for k in tensors if k not in known and not _ignorable(k))
     problems = []
     if missing:
@@ -215,8 +228,12 @@ def _count_nonfinite(array) -> int:
 
 def _ignorable(name: str) -> bool:
     # Buffers some transformers versions store in checkpoints; they carry no parameters.
-    return name.endswith((".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")) or (
+    return name.endswith((".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq",
+                          "embeddings.position_ids")) or (
         ".attention.bias" in name or ".attention.masked_bias" in name
+        # BERT pretraining checkpoints: the NSP head, and the pooler a masked LM does not use
+        # (a classifier names the pooler, so there it is never unexpected).
+        or name.startswith(("cls.seq_relationship.", "bert.pooler."))
     )
 
 

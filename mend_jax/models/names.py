@@ -25,7 +25,9 @@ LAYOUTS = ("linear", "conv1d", "same")
 #   "input":   the tokens of `input_ids` (every weight of a decoder-only model; a T5 encoder's
 #              weights and the decoder's cross-attention k/v, which read the encoder's output)
 #   "decoder": the tokens of `decoder_input_ids` (the rest of a T5 decoder)
-TOKEN_MASKS = {"input": "attention_mask", "decoder": "decoder_attention_mask"}
+#   "first":   only the first token of `input_ids` (BERT's pooler and classifier read [CLS])
+TOKEN_MASKS = {"input": "attention_mask", "decoder": "decoder_attention_mask",
+               "first": "attention_mask"}
 
 
 @dataclass(frozen=True)

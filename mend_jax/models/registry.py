@@ -20,6 +20,11 @@ class Architecture:
         decoder_input_ids, decoder_attention_mask) returns float32 logits.
     param_names: config -> list of ParamName (every tensor of the checkpoint).
     default_inner_params: config -> HF names MEND edits by default (as the reference configs).
+    targets: config -> what the logits predict (a BERT checkpoint's head decides):
+        "next_token": logits [B, T, V] at t predict the label at t+1 (decoder-only LMs);
+        "token": logits [B, T, V] at t predict the label at t (seq2seq decoders, masked
+        LMs); "class": logits [B, num_labels], one label per example (classifiers).
+        None: "token" for seq2seq models, "next_token" otherwise.
     """
 
     name: str
@@ -29,6 +34,7 @@ class Architecture:
     module: Callable[..., nn.Module]
     param_names: Callable[[Any], list[ParamName]]
     default_inner_params: Callable[[Any], list[str]]
+    targets: Callable[[Any], str] | None = None
 
 
 _REGISTRY: dict[str, Architecture] = {}
@@ -58,7 +64,7 @@ def _import_all() -> None:
     # Importing an architecture module registers it.
     import importlib
 
-    for mod in ("gpt2", "gpt_neo", "gptj", "t5", "llama"):
+    for mod in ("gpt2", "gpt_neo", "gptj", "t5", "bert", "llama"):
         try:
             importlib.import_module(f"mend_jax.models.{mod}")
         except ModuleNotFoundError as e:
