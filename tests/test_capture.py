@@ -36,6 +36,10 @@ def seq2seq_batch(vocab, enc_lengths, dec_lengths, seed=0):
 
 
 CONFIGS = {
+    "bart": lambda: transformers.BartConfig(
+        vocab_size=61, d_model=24, encoder_attention_heads=3, decoder_attention_heads=3,
+        encoder_ffn_dim=40, decoder_ffn_dim=40, encoder_layers=2, decoder_layers=2,
+        max_position_embeddings=16),
     "gpt2": lambda: transformers.GPT2Config(vocab_size=61, n_positions=16, n_embd=24, n_layer=3,
                                             n_head=3),
     "gpt_neo": lambda: transformers.GPTNeoConfig(
@@ -66,8 +70,8 @@ def test_captured_outer_products_equal_weight_gradients(arch):
         batch = decoder_batch(61, [7, 4, 9])
     inner = model.default_inner_params()
     if model.seq2seq:
-        assert any(n.startswith("encoder.") for n in inner)
-        assert any(n.startswith("decoder.") for n in inner)
+        assert any(re.match(r"(model\.)?encoder\.", n) for n in inner)
+        assert any(re.match(r"(model\.)?decoder\.", n) for n in inner)
     loss, captured, _ = jax.jit(lambda p, b: capture(model, p, b, inner))(model.params, batch)
 
     def loss_of(p):
@@ -109,6 +113,7 @@ def test_every_weight_kind_with_unequal_encoder_decoder_lengths(arch):
     inner = every_weight_kind(model)
     kinds = {n.split(".")[-2] for n in inner}
     expected = {
+        "bart": {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"},
         "gpt2": {"c_attn", "c_proj", "c_fc"},
         "gpt_neo": {"q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"},
         "gptj": {"q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"},
@@ -118,7 +123,7 @@ def test_every_weight_kind_with_unequal_encoder_decoder_lengths(arch):
     }[arch]
     assert kinds == expected, kinds
     if model.seq2seq:
-        assert sum("EncDecAttention" in n for n in inner) == 4
+        assert sum(bool(re.search(r"\.(EncDecAttention|encoder_attn)\.", n)) for n in inner) == 4
     loss, captured, _ = jax.jit(lambda p, b: capture(model, p, b, inner))(model.params, batch)
 
     def loss_of(p):
@@ -188,6 +193,7 @@ def test_answer_token_editor_sums_over_answer_tokens_only():
         path = model.names.path(name)
         got = np.asarray(get_path(model.params, path) - get_path(new, path))
         np.testing.assert_allclose(got, u[sel].T @ d[sel], rtol=1e-4, atol=1e-6)
+
 
 def test_bert_classifier_captures_every_weight_kind_with_a_class_loss():
     """A classifier's loss is the cross-entropy of [B, num_labels] logits against [B] labels:

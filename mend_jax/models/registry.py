@@ -64,7 +64,7 @@ def _import_all() -> None:
     # Importing an architecture module registers it.
     import importlib
 
-    for mod in ("gpt2", "gpt_neo", "gptj", "t5", "bert", "llama"):
+    for mod in ("gpt2", "gpt_neo", "gptj", "t5", "bart", "bert", "llama"):
         try:
             importlib.import_module(f"mend_jax.models.{mod}")
         except ModuleNotFoundError as e:
