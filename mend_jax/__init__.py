@@ -5,7 +5,8 @@ Everything a user is meant to call:
 - editors as artifacts: `save_editor`, `load_editor`, `ArtifactError`
 - models: `load_pretrained`, `save_pretrained`, `from_config`, `generate`, `Model`
 - capture: `capture` (per-token layer inputs and output gradients of named weights)
-- editors: `MEND`, `MENDConfig`, `FineTune`, `FTConfig`, `make_editor`
+- editors: `MEND`, `MENDConfig`, `KE`, `KEConfig`, `ENN`, `ENNConfig`, `FineTune`, `FTConfig`,
+  `make_editor`
 - training: `MetaTrainer`, `TrainConfig` (the pure, jit-able meta-training step)
 - evaluation: `evaluate_editor`, `format_table`
 - data: `mend_jax.data` (loaders, the geonames benchmark, batching)
@@ -17,7 +18,17 @@ Everything a user is meant to call:
 from mend_jax.api import EditInputError, edit, evaluate_edit
 from mend_jax.artifacts import ArtifactError, load_editor, save_editor
 from mend_jax.capture import Captured, capture
-from mend_jax.editors import MEND, FineTune, FTConfig, MENDConfig, make_editor
+from mend_jax.editors import (
+    ENN,
+    KE,
+    MEND,
+    ENNConfig,
+    FineTune,
+    FTConfig,
+    KEConfig,
+    MENDConfig,
+    make_editor,
+)
 from mend_jax.errors import (
     CheckpointError,
     ConfigError,
@@ -38,6 +49,8 @@ from mend_jax.models import (
 from mend_jax.training import MetaTrainer, TrainConfig
 
 __all__ = [
+    "ENN",
+    "KE",
     "MEND",
     "ArtifactError",
     "Captured",
@@ -45,9 +58,11 @@ __all__ = [
     "ConfigError",
     "DataError",
     "EditError",
+    "ENNConfig",
     "EditInputError",
     "FTConfig",
     "FineTune",
+    "KEConfig",
     "MENDConfig",
     "MendError",
     "MetaTrainer",

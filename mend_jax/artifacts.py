@@ -1,11 +1,12 @@
 """Editors as artifacts: a self-describing folder a user keeps, loadable without its run.
 
     editor/
-      editor.safetensors   the editor state: networks, step sizes, normalisation statistics;
-                           pytree paths joined with "/" ("params/nets/64x256/uv/layers/0/U")
-      editor.json          the MEND config, the edited weights (name, shape) and the base model's
-                           identity: name or path, a sha256 of its config and one of each edited
-                           weight
+      editor.safetensors   the editor state: networks, step sizes, normalisation statistics
+                           (ENN: its meta-learned weights); pytree paths joined with "/"
+                           ("params/nets/64x256/uv/layers/0/U")
+      editor.json          the kind of editor ("mend", "ke", "enn") and its config, the edited
+                           weights (name, shape) and the base model's identity: name or path, a
+                           sha256 of its config and one of each edited weight
 
 `load_editor(path, model)` refuses a model that is not the one the editor was trained on, naming
 the file and the field that differ. `write_model_card` describes an exported edited model.
@@ -28,7 +29,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from mend_jax.editors import MEND, MENDConfig
+from mend_jax.editors import ENN, KE, MEND, ENNConfig, KEConfig, MENDConfig
 from mend_jax.errors import CheckpointError
 from mend_jax.models import Model, get_path
 
@@ -36,6 +37,8 @@ FORMAT = "mend-jax-editor"
 VERSION = 1
 CONFIG_FILE = "editor.json"
 WEIGHTS_FILE = "editor.safetensors"
+# The meta-trained editors an artifact can hold: kind -> (class, config class).
+EDITORS = {"mend": (MEND, MENDConfig), "ke": (KE, KEConfig), "enn": (ENN, ENNConfig)}
 
 
 class ArtifactError(CheckpointError):
@@ -125,21 +128,24 @@ def _write_atomically(path: Path, write) -> Path:
     return path
 
 
-def save_editor(path: str | os.PathLike, editor: MEND, editor_state: dict, *,
+def save_editor(path: str | os.PathLike, editor: MEND | KE | ENN, editor_state: dict, *,
                 base_model: str | None = None, max_length: int | None = None) -> Path:
-    """Write a MEND editor (state + config + base model identity) as a folder, atomically.
+    """Write a MEND, KE or ENN editor (state + config + base model identity) as a folder,
+    atomically.
 
     Args:
       base_model: the base model's name or folder to record (default: where it was loaded from).
       max_length: the token length the editor was trained with (the CLIs' default).
     """
-    if not isinstance(editor, MEND):
-        raise TypeError(f"save_editor saves MEND editors, got {type(editor).__name__}")
+    kinds = [k for k, (cls, _) in EDITORS.items() if type(editor) is cls]
+    if not kinds:
+        raise TypeError(f"save_editor saves {', '.join(EDITORS)} editors, got "
+                        f"{type(editor).__name__}")
     model, layout = editor.model, editor.layout
     meta = {
         "format": FORMAT,
         "version": VERSION,
-        "editor": "mend",
+        "editor": kinds[0],
         "config": dataclasses.asdict(editor.config),
         "inner_params": [{"name": n, "shape": list(s)}
                          for n, s in zip(layout.inner_params, layout.shapes)],
@@ -204,7 +210,7 @@ def check_model(meta: dict, model: Model, source: str) -> None:
                                 f"({base.get('name_or_path')})")
 
 
-def load_editor(path: str | os.PathLike, model: Model) -> tuple[MEND, dict]:
+def load_editor(path: str | os.PathLike, model: Model) -> tuple[MEND | KE | ENN, dict]:
     """(editor, editor_state) from a save_editor folder, for `model`.
 
     The model must be the base model the editor was trained on: its architecture, config,
@@ -215,11 +221,16 @@ def load_editor(path: str | os.PathLike, model: Model) -> tuple[MEND, dict]:
     meta = read_editor_config(path)
     source = str(path / CONFIG_FILE)
     check_model(meta, model, source)
+    kind = meta.get("editor", "mend")
+    if kind not in EDITORS:
+        raise ArtifactError(f"{source}: field editor is {kind!r}, expected one of "
+                            f"{list(EDITORS)}")
+    cls, config_cls = EDITORS[kind]
     try:
-        config = MENDConfig(**meta["config"])
+        config = config_cls(**meta["config"])
     except (TypeError, ValueError) as e:
         raise ArtifactError(f"{source}: field config: {e}") from None
-    editor = MEND(model, [e["name"] for e in meta["inner_params"]], config)
+    editor = cls(model, [e["name"] for e in meta["inner_params"]], config)
     weights = path / WEIGHTS_FILE
     if not weights.exists():
         raise ArtifactError(f"{weights}: missing")

@@ -1,8 +1,11 @@
-"""The pure meta-training step of MEND: (state, model_params, batch) -> (state, metrics).
+"""The pure meta-training step of MEND (and KE, ENN): (state, model_params, batch) -> (state,
+metrics).
 
 L = c_edit · NLL(edited model, equivalent input, new target) + c_loc · KL(base ‖ edited on loc),
 (with `edit_on="both"` the NLL is taken over the equivalent input and the edit input together),
-differentiated through the edit w.r.t. the editor networks and the per-layer step sizes.
+differentiated through the edit w.r.t. the editor networks and the per-layer step sizes. An
+editor that meta-learns the model's own weights (ENN: it has `pre_edit_params`) is measured for
+locality against its pre-edit model, and L adds c_base · KL(base ‖ pre-edit model on loc).
 Jit it at the boundary: `jax.jit(trainer.step, donate_argnums=0)`.
 """
 
@@ -15,6 +18,8 @@ import jax.numpy as jnp
 import optax
 
 from mend_jax.capture import model_inputs
+from mend_jax.editors.enn import ENN
+from mend_jax.editors.ke import KE
 from mend_jax.editors.mend import MEND
 from mend_jax.metrics import IGNORE, loc_mask, locality_kl, masked_nll, sequence_correct
 
@@ -40,6 +45,10 @@ class TrainConfig:
     # `decay_steps` optimizer updates (the pipeline sets it from the loop's max_steps).
     lr_schedule: str = "constant"
     decay_steps: int | None = None
+    # ENN only (editors with meta-learned base weights): weight of KL(original ‖ meta-learned
+    # model) on the locality inputs. The reference back-propagates this term with weight 1 and
+    # uses its `cbase` only in the logged total; here c_base weights the gradient.
+    c_base: float = 0.0
 
     def __post_init__(self):
         if self.edit_on not in ("outer", "both"):
@@ -49,6 +58,8 @@ class TrainConfig:
                              f"{self.lr_schedule!r}")
         if self.lr_schedule == "cosine" and not self.decay_steps:
             raise ValueError("lr_schedule='cosine' needs decay_steps > 0")
+        if self.c_base < 0:
+            raise ValueError(f"c_base must be >= 0, got {self.c_base}")
 
     def schedule(self, lr: float) -> optax.Schedule | float:
         if self.lr_schedule == "cosine":
@@ -62,16 +73,21 @@ def _row_mean(values, labels):
     return (values * rows).sum() / jnp.maximum(rows.sum(), 1.0)
 
 
+_STEP_SIZES = ("edit_lrs", "log_lambdas")
+
+
 def _labels(tree):
-    # The step sizes (and lstsq's λ) form the "edit_lrs" group, trained at lr_lr when it is set.
-    return {key: jax.tree.map(lambda _, key=key: "nets" if key == "nets" else "edit_lrs", sub)
+    # The step sizes (and lstsq's λ) form the "edit_lrs" group, trained at lr_lr when it is set;
+    # everything else (editor networks, ENN's learned weights) is "nets", trained at lr.
+    return {key: jax.tree.map(lambda _, key=key: "edit_lrs" if key in _STEP_SIZES else "nets",
+                              sub)
             for key, sub in tree.items()}
 
 
 class MetaTrainer:
-    """Meta-trains a MEND editor on a fixed base model."""
+    """Meta-trains an editor (MEND, KE, ENN) on a fixed base model."""
 
-    def __init__(self, editor: MEND, config: TrainConfig | None = None):
+    def __init__(self, editor: MEND | KE | ENN, config: TrainConfig | None = None):
         self.editor = editor
         self.model = editor.model
         self.config = config or TrainConfig()
@@ -113,10 +129,23 @@ class MetaTrainer:
             post_outer = model.logits(new_params, *model_inputs(outer))
             edit_loss = masked_nll(post_outer, outer["labels"], shift)
         loc = batch["loc"]
+        mask = loc_mask(loc, model.seq2seq)
         base_loc = jax.lax.stop_gradient(model.logits(model_params, *model_inputs(loc)))
+        base_metrics = {}
+        pre_edit = getattr(self.editor, "pre_edit_params", None)
+        if pre_edit is not None:
+            # ENN, as the reference: locality is measured against the meta-learned (pre-edit)
+            # model, which a KL term keeps close to the original base model.
+            learned_loc = model.logits(pre_edit(editor_params, model_params), *model_inputs(loc))
+            base_kl = locality_kl(base_loc, learned_loc, mask)
+            base_metrics = {"base_kl": base_kl, "loc_acc_original": sequence_correct(
+                base_loc, loc["labels"], shift).mean()}
+            base_loc = jax.lax.stop_gradient(learned_loc)
         post_loc = model.logits(new_params, *model_inputs(loc))
-        loc_kl = locality_kl(base_loc, post_loc, loc_mask(loc, model.seq2seq))
+        loc_kl = locality_kl(base_loc, post_loc, mask)
         total = c.c_edit * edit_loss + c.c_loc * loc_kl
+        if pre_edit is not None:
+            total = total + c.c_base * base_metrics["base_kl"]
         metrics = {
             "loss": total,
             "edit_loss": edit_loss,
@@ -127,8 +156,10 @@ class MetaTrainer:
             "n_edits": jnp.sum(jnp.any(outer["labels"] != IGNORE, -1)).astype(jnp.float32),
             "loc_acc_pre": sequence_correct(base_loc, loc["labels"], shift).mean(),
             "loc_acc_post": sequence_correct(post_loc, loc["labels"], shift).mean(),
-            "edit_lr_mean": jnp.mean(jnp.stack(list(editor_params["edit_lrs"].values()))),
+            **base_metrics,
         }
+        if "edit_lrs" in editor_params:  # KE has no step sizes
+            metrics["edit_lr_mean"] = jnp.mean(jnp.stack(list(editor_params["edit_lrs"].values())))
         return total, (metrics, new_stats)
 
     def step(self, state: dict, model_params: dict, batch: dict) -> tuple[dict, dict]:
