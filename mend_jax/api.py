@@ -44,7 +44,8 @@ def _target_ids(tokenizer, target: str, seq2seq: bool) -> list[int]:
         "input_ids"][0]
 
 
-def _check_pairs(tokenizer, prompts, targets, seq2seq: bool, what: str) -> None:
+def _check_pairs(tokenizer, prompts, targets, seq2seq: bool, what: str,
+                 label2id: dict | None = None) -> None:
     if isinstance(prompts, str) or isinstance(targets, str):
         raise EditInputError(f"{what}: pass lists of strings, not a single string")
     if len(prompts) != len(targets):
@@ -57,6 +58,11 @@ def _check_pairs(tokenizer, prompts, targets, seq2seq: bool, what: str) -> None:
             raise EditInputError(f"{what}: prompt {i} is empty ({prompt!r})")
         if not isinstance(target, str) or not target.strip():
             raise EditInputError(f"{what}: target {i} is empty ({target!r})")
+        if label2id is not None:
+            if target not in label2id:
+                raise EditInputError(f"{what}: target {i} ({target!r}) is not one of the "
+                                     f"classifier's labels {sorted(label2id)}")
+            continue
         ids = _target_ids(tokenizer, target, seq2seq)
         if not ids:
             raise EditInputError(f"{what}: target {i} ({target!r}) encodes to no tokens")
@@ -75,9 +81,12 @@ def _rephrase_lists(rephrases: Rephrases | None, n: int) -> list[list[str]]:
     return [[] if r is None else [r] if isinstance(r, str) else list(r) for r in rephrases]
 
 
-def _fit_lengths(tokenizer, prompts, targets, seq2seq: bool) -> tuple[int, int | None]:
+def _fit_lengths(tokenizer, prompts, targets, seq2seq: bool,
+                 classify: bool = False) -> tuple[int, int | None]:
     """(max_length, max_target_length) that truncate none of the pairs."""
     p = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]
+    if classify:
+        return max(p), None  # the target is a class, not tokens
     t = [len(_target_ids(tokenizer, x, seq2seq)) for x in targets]
     if seq2seq:
         return max(p), max(t) + 1  # tokenize_pairs appends eos to seq2seq targets
@@ -85,15 +94,17 @@ def _fit_lengths(tokenizer, prompts, targets, seq2seq: bool) -> tuple[int, int |
 
 
 def _batch(model: Model, tokenizer, prompts, targets, max_length: int | None, what: str) -> dict:
-    if not (model.seq2seq or model.shift_labels):
-        raise EditInputError(f"a {model.arch.name} model with {model.targets!r} targets has no "
-                             "prompt -> target text form; call `editor.edit` with a batch of "
-                             "its own (input_ids, attention_mask, labels)")
-    _check_pairs(tokenizer, prompts, targets, model.seq2seq, what)
+    if model.targets == "token" and not model.seq2seq:
+        raise EditInputError(f"a {model.arch.name} model with {model.targets!r} targets (a "
+                             "masked LM) has no prompt -> target text form; call `editor.edit` "
+                             "with a batch of its own (input_ids, attention_mask, labels)")
+    fmt = model.pair_format
+    _check_pairs(tokenizer, prompts, targets, model.seq2seq, what, fmt["label2id"])
     target_length = None
     if max_length is None:
-        max_length, target_length = _fit_lengths(tokenizer, prompts, targets, model.seq2seq)
-    batch = tokenize_pairs(tokenizer, list(prompts), list(targets), seq2seq=model.seq2seq,
+        max_length, target_length = _fit_lengths(tokenizer, prompts, targets, model.seq2seq,
+                                                  classify=fmt["label2id"] is not None)
+    batch = tokenize_pairs(tokenizer, list(prompts), list(targets), **fmt,
                            max_length=max_length, max_target_length=target_length)
     return {k: jnp.asarray(v) for k, v in batch.items() if k in _MODEL_KEYS}
 
@@ -111,6 +122,9 @@ def edit(
     max_length: int | None = None,
 ) -> dict:
     """Edit `params` so that each prompt continues with its target: k edits in one call.
+
+    For a sequence classifier (`model.targets == "class"`) a prompt is the text to classify
+    and its target one of the label names of the model's config (`label2id`).
 
     Args:
       editor: a MEND editor (`editor.edit(state, params, batch)`), e.g. from `load_editor`.

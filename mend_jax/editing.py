@@ -47,10 +47,16 @@ def check_edit_batch(model, batch: Mapping, where: str = "") -> None:
 
 def _target_prob(model, params, batch) -> np.ndarray:
     logits = model.logits(params, *model_inputs(batch))
-    return np.exp(-np.asarray(sequence_nll(logits, batch["labels"], shift=not model.seq2seq)))
+    nll = sequence_nll(logits, batch["labels"], shift=model.shift_labels)
+    return np.exp(-np.asarray(nll))
 
 
 def _generate(model, params, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+    if model.targets == "class":  # a classifier's "continuation": the label it predicts
+        enc = tokenizer(list(prompts), padding=True, return_tensors="np")
+        logits = model.logits(params, jnp.asarray(enc["input_ids"], jnp.int32),
+                              jnp.asarray(enc["attention_mask"], jnp.int32))
+        return [model.hf_config.id2label[int(i)] for i in np.asarray(logits).argmax(-1)]
     enc = tokenizer(list(prompts), padding=True, return_tensors="np")
     out = generate(model, params, jnp.asarray(enc["input_ids"], jnp.int32), max_new_tokens,
                    attention_mask=jnp.asarray(enc["attention_mask"], jnp.int32),
@@ -61,16 +67,17 @@ def _generate(model, params, tokenizer, prompts: Sequence[str], max_new_tokens: 
 def edit_report(model, tokenizer, editor, editor_state, prompt: str, target: str, *,
                 rephrases: Sequence[str] = (), neighbors: Sequence[str] = (), max_length: int,
                 max_new_tokens: int = 6) -> tuple[dict, dict]:
-    """Edit prompt -> target; return (report rows, edited params)."""
+    """Edit prompt -> target; return (report rows, edited params). For a classifier, `target`
+    is a label name and a row's before/after is the label it predicts."""
     batch = {k: jnp.asarray(v) for k, v in tokenize_pairs(
-        tokenizer, [prompt], [target], seq2seq=model.seq2seq, max_length=max_length).items()
+        tokenizer, [prompt], [target], **model.pair_format, max_length=max_length).items()
         if k != "truncated"}
     check_edit_batch(model, batch)
     new_params = jax.jit(editor.edit)(editor_state, model.params, batch)
     prompts = [prompt, *rephrases, *neighbors]
     kinds = ["edit"] + ["rephrase"] * len(rephrases) + ["neighbor"] * len(neighbors)
     probe = {k: jnp.asarray(v) for k, v in tokenize_pairs(
-        tokenizer, prompts, [target] * len(prompts), seq2seq=model.seq2seq,
+        tokenizer, prompts, [target] * len(prompts), **model.pair_format,
         max_length=max_length).items() if k != "truncated"}
     check_edit_batch(model, probe)
     p_before = _target_prob(model, model.params, probe)

@@ -117,13 +117,18 @@ def _chunked(fn: Callable, rows: dict, batch_size: int | None) -> dict:
     return jax.tree.map(lambda x: x.reshape(n_chunks * batch_size, *x.shape[2:])[:n], out)
 
 
+def _as_rows(logits, labels):
+    """(logits, labels) per row; a classifier's [B, C] logits and [B] labels as rows of one
+    counted position, so that every per-row statistic below reads the same for both."""
+    return (logits[:, None], labels[:, None]) if labels.ndim == 1 else (logits, labels)
+
+
 def _paired_stats(model, base_params, new_params, rows) -> dict:
     """Per-row statistics that compare the base and the edited model on the same rows."""
-    shift = not model.seq2seq
+    shift = model.shift_labels
     inputs = model_inputs(rows)
-    base = model.logits(base_params, *inputs)
-    post = model.logits(new_params, *inputs)
-    labels = rows["labels"]
+    base, _ = _as_rows(model.logits(base_params, *inputs), rows["labels"])
+    post, labels = _as_rows(model.logits(new_params, *inputs), rows["labels"])
     # EasyEdit's locality: teacher-forced target positions whose argmax the edit left unchanged.
     b, p, lab = (base[:, :-1], post[:, :-1], labels[:, 1:]) if shift else (base, post, labels)
     counted = lab != IGNORE
@@ -132,7 +137,7 @@ def _paired_stats(model, base_params, new_params, rows) -> dict:
     lp_base = jax.nn.log_softmax(base.astype(jnp.float32), -1)
     lp_post = jax.nn.log_softmax(post.astype(jnp.float32), -1)
     kl = (jnp.exp(lp_base) * (lp_base - lp_post)).sum(-1)
-    kl_mask = loc_mask(rows, model.seq2seq).astype(jnp.float32)
+    kl_mask = loc_mask(rows, model.seq2seq).reshape(kl.shape).astype(jnp.float32)
     logp_pre, mask = token_log_probs(base, labels, shift)
     logp_post, _ = token_log_probs(post, labels, shift)
     return {
@@ -150,10 +155,10 @@ def _paired_stats(model, base_params, new_params, rows) -> dict:
 
 
 def _post_stats(model, new_params, rows) -> dict:
-    shift = not model.seq2seq
-    post = model.logits(new_params, *model_inputs(rows))
-    logp, mask = token_log_probs(post, rows["labels"], shift)
-    return {"correct_post": sequence_correct(post, rows["labels"], shift),
+    shift = model.shift_labels
+    post, labels = _as_rows(model.logits(new_params, *model_inputs(rows)), rows["labels"])
+    logp, mask = token_log_probs(post, labels, shift)
+    return {"correct_post": sequence_correct(post, labels, shift),
             "nll_mean_post": -(logp * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1)}
 
 
@@ -298,7 +303,9 @@ def evaluate_editor(
     """Edit `requests` k = `n_edits` at a time and measure every group; returns flat metrics.
 
     Args:
-      model: the `Model` that `editor` edits (its `seq2seq` picks the label alignment).
+      model: the `Model` that `editor` edits (its `pair_format` says how requests become
+        batches, its `shift_labels` how labels align with logits; a classifier's requests
+        name label strings as targets).
       requests: shuffled with `seed` (None keeps their order), then cut into groups of
         `n_edits`; the incomplete last group is dropped. A group's locality examples are its
         requests' loc pairs; generality averages over all of a request's rephrases.
@@ -319,7 +326,7 @@ def evaluate_editor(
     if n_groups == 0:
         raise ValueError(f"n_edits={n_edits} but only {len(requests)} requests to evaluate")
     requests = requests[: n_groups * n_edits]
-    batches, weights = _prepare(requests, tokenizer, n_edits, seq2seq=model.seq2seq,
+    batches, weights = _prepare(requests, tokenizer, n_edits, **model.pair_format,
                                 max_length=max_length, max_target_length=max_target_length)
     check_edit_batch(model, batches)
     groups = [jax.tree.map(lambda x, g=g: x[g], batches) for g in range(n_groups)]
@@ -387,7 +394,7 @@ def evaluate_sequential(
         raise ValueError(f"--sequential {n_batches} x {n_edits} edits needs {total} requests, "
                          f"only {len(requests)} to evaluate")
     requests = requests[:total]
-    batches, weights = _prepare(requests, tokenizer, n_edits, seq2seq=model.seq2seq,
+    batches, weights = _prepare(requests, tokenizer, n_edits, **model.pair_format,
                                 max_length=max_length, max_target_length=max_target_length)
     check_edit_batch(model, batches)
     groups = [jax.tree.map(lambda x, g=g: x[g], batches) for g in range(n_batches)]

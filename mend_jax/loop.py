@@ -75,8 +75,11 @@ def sample_n_edits(rng: np.random.Generator, n_edits: int, dist: str) -> tuple[i
 
 def batch_at(requests: Sequence[EditRequest], tokenizer, *, seed: int, step: int,
              batch_size: int, n_edits: int, seq2seq: bool, max_length: int,
-             loc_neighbors: bool | float = False, n_edits_dist: str = "fixed") -> dict:
+             loc_neighbors: bool | float = False, n_edits_dist: str = "fixed",
+             decoder_start_token_id: int | None = None, label2id: dict | None = None) -> dict:
     """The training batch of a given step: a pure function of (seed, step).
+
+    `seq2seq`, `decoder_start_token_id` and `label2id` are the model's `pair_format`.
 
     The first k sampled requests are edited together; the locality rows are the loc pairs of
     `batch_size` requests (those of the edited ones first, unrelated facts either way). With a
@@ -91,7 +94,8 @@ def batch_at(requests: Sequence[EditRequest], tokenizer, *, seed: int, step: int
     idx = rng.choice(len(requests), size=n, replace=False)
     chosen = [requests[i] for i in idx]
     batch = make_edit_batch(tokenizer, chosen, seq2seq=seq2seq, max_length=max_length, rng=rng,
-                            n_edits=rows, loc_neighbors=loc_neighbors)
+                            n_edits=rows, loc_neighbors=loc_neighbors,
+                            decoder_start_token_id=decoder_start_token_id, label2id=label2id)
     batch["loc"] = {key: v[:batch_size] for key, v in batch["loc"].items()}
     for part in ("edit_inner", "edit_outer"):
         batch[part]["labels"][k:] = IGNORE
@@ -116,7 +120,7 @@ def validate(trainer: MetaTrainer, eval_step, editor_state, model_params, reques
     for i in range(cfg.val_batches):
         batch = batch_at(requests, tokenizer, seed=seed + VAL_SEED_OFFSET, step=i,
                          batch_size=cfg.batch_size, n_edits=cfg.n_edits,
-                         seq2seq=trainer.model.seq2seq, max_length=max_length,
+                         **trainer.model.pair_format, max_length=max_length,
                          n_edits_dist=cfg.n_edits_dist)
         metrics.append(eval_step(editor_state, model_params, batch))
     return _mean(metrics)
@@ -152,7 +156,7 @@ def train_editor(trainer: MetaTrainer, model_params, train_requests, val_request
     from tensorboardX import SummaryWriter
 
     writer = SummaryWriter(str(run_dir / "tb"), purge_step=book["step"] or None)
-    seq2seq = trainer.model.seq2seq
+    pair_format = trainer.model.pair_format
     start = book["step"]
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps,
                desc="meta-train", disable=not progress, mininterval=1)
@@ -161,7 +165,7 @@ def train_editor(trainer: MetaTrainer, model_params, train_requests, val_request
     t0 = time.time() - book.get("train_time_s", 0.0)
     for step in bar:
         batch = batch_at(train_requests, tokenizer, seed=seed, step=step,
-                         batch_size=cfg.batch_size, n_edits=cfg.n_edits, seq2seq=seq2seq,
+                         batch_size=cfg.batch_size, n_edits=cfg.n_edits, **pair_format,
                          max_length=max_length, loc_neighbors=cfg.loc_neighbors,
                          n_edits_dist=cfg.n_edits_dist)
         state, metrics = step_fn(state, model_params, batch)

@@ -1,6 +1,8 @@
 """Losses and edit metrics, computed as the reference does (labels use -100 for "not counted").
 
-Decoder-only models shift (logits at t predict the label at t+1); seq2seq models do not.
+Decoder-only models shift (logits at t predict the label at t+1); seq2seq models do not. A
+classifier's logits [B, C] with labels [B] read as sequences of one counted position: its
+per-example metrics are the class's −log p and whether the argmax is the label.
 """
 
 from __future__ import annotations
@@ -27,12 +29,19 @@ def _align(logits, labels, shift: bool):
 
 
 def token_log_probs(logits: Float[Array, "B T V"], labels: Int[Array, "B T"], shift: bool):
-    """(log p(label) [B, T'], counted mask [B, T'])."""
+    """(log p(label) [B, T'], counted mask [B, T']); [B] and [B] for a classifier's [B, C]
+    logits and [B] labels."""
     logits, labels = _align(logits, labels, shift)
     mask = labels != IGNORE
     safe = jnp.where(mask, labels, 0)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0], mask
+
+
+def labelled(labels: Int[Array, "B T"] | Int[Array, " B"]) -> jax.Array:
+    """Per-example bool [B]: the example has at least one counted label."""
+    counted = labels != IGNORE
+    return counted if labels.ndim == 1 else counted.any(-1)
 
 
 def masked_nll(logits, labels, shift: bool) -> jax.Array:
@@ -41,24 +50,29 @@ def masked_nll(logits, labels, shift: bool) -> jax.Array:
     return -(lp * mask).sum() / jnp.maximum(mask.sum(), 1)
 
 
-def _per_sequence(logits, labels) -> None:
+def _per_example(logits, labels, shift: bool):
+    """(logits [B, T, V], labels [B, T]); a classifier's [B, C] and [B] as sequences of one."""
+    if labels.ndim == 1 and logits.ndim == 2 and not shift:
+        return logits[:, None], labels[:, None]
     if labels.ndim != 2:
-        raise ValueError(f"per-sequence metrics need labels [batch, seq] and logits [batch, seq, "
-                         f"vocab]; got labels {tuple(labels.shape)}, logits {tuple(logits.shape)} "
-                         "(a classifier's: compare argmax(logits, -1) with the labels)")
+        raise ValueError(f"per-example metrics need labels [batch, seq] with logits [batch, seq, "
+                         f"vocab], or unshifted labels [batch] with logits [batch, classes]; got "
+                         f"labels {tuple(labels.shape)}, logits {tuple(logits.shape)}, "
+                         f"shift={shift}")
+    return logits, labels
 
 
 def sequence_nll(logits, labels, shift: bool) -> jax.Array:
-    """Per-example mean NLL over its counted positions [B]."""
-    _per_sequence(logits, labels)
+    """Per-example mean NLL over its counted positions [B] (a classifier's: −log p(label))."""
+    logits, labels = _per_example(logits, labels, shift)
     lp, mask = token_log_probs(logits, labels, shift)
     return -(lp * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1)
 
 
 def sequence_correct(logits, labels, shift: bool) -> jax.Array:
-    """Per-example bool [B]: argmax equals the label at every counted position (teacher forcing)."""
-    _per_sequence(logits, labels)
-    logits, labels = _align(logits, labels, shift)
+    """Per-example bool [B]: argmax equals the label at every counted position (teacher forcing);
+    a classifier's: argmax == label, False where the label is not counted."""
+    logits, labels = _align(*_per_example(logits, labels, shift), shift)
     mask = labels != IGNORE
     hit = (jnp.argmax(logits, -1) == labels) | ~mask
     return hit.all(-1) & mask.any(-1)
@@ -77,5 +91,9 @@ def locality_kl(base_logits, edited_logits, mask) -> jax.Array:
 
 
 def loc_mask(batch, seq2seq: bool) -> jax.Array:
-    """The mask the locality KL is averaged over (decoder mask for seq2seq, else attention)."""
+    """The mask the locality KL is averaged over: the decoder mask for seq2seq, the attention
+    mask otherwise, ones [B] for a classifier's batch (labels [B]: one distribution each)."""
+    labels = batch.get("labels")
+    if labels is not None and labels.ndim == 1:
+        return jnp.ones(labels.shape, jnp.int32)
     return batch["decoder_attention_mask"] if seq2seq else batch["attention_mask"]

@@ -21,7 +21,7 @@ from mend_jax.capture import model_inputs
 from mend_jax.editors.enn import ENN
 from mend_jax.editors.ke import KE
 from mend_jax.editors.mend import MEND
-from mend_jax.metrics import IGNORE, loc_mask, locality_kl, masked_nll, sequence_correct
+from mend_jax.metrics import labelled, loc_mask, locality_kl, masked_nll, sequence_correct
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class TrainConfig:
 
 def _row_mean(values, labels):
     """Mean over rows that have a label (batched training pads its edit rows with none)."""
-    rows = jnp.any(labels != IGNORE, -1).astype(jnp.float32)
+    rows = labelled(labels).astype(jnp.float32)
     return (values * rows).sum() / jnp.maximum(rows.sum(), 1.0)
 
 
@@ -113,7 +113,7 @@ class MetaTrainer:
     def loss(self, editor_params, stats, model_params, batch, train: bool = True):
         """(L, (metrics, new_stats)) of one edit example/equivalent/locality triple."""
         c, model = self.config, self.model
-        shift = not model.seq2seq
+        shift = model.shift_labels
         new_params, new_stats, pre_loss = self.editor.edit_with_stats(
             {"params": editor_params, "stats": stats}, model_params, batch["edit_inner"],
             train=train)
@@ -153,7 +153,7 @@ class MetaTrainer:
             "locality_kl": loc_kl,
             "edit_acc": _row_mean(sequence_correct(post_outer, outer["labels"], shift),
                                   outer["labels"]),
-            "n_edits": jnp.sum(jnp.any(outer["labels"] != IGNORE, -1)).astype(jnp.float32),
+            "n_edits": jnp.sum(labelled(outer["labels"])).astype(jnp.float32),
             "loc_acc_pre": sequence_correct(base_loc, loc["labels"], shift).mean(),
             "loc_acc_post": sequence_correct(post_loc, loc["labels"], shift).mean(),
             **base_metrics,

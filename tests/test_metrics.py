@@ -88,3 +88,32 @@ def test_drawdown_is_accuracy_lost_on_unrelated_facts():
     m = evaluate_editor(model, editor, editor.init(model.params), knowing, requests, tokenizer,
                         max_length=MAX_LENGTH, timed_edits=0, seed=None)
     assert m["loc_acc_pre"] == 1.0 and m["drawdown"] == 1.0 - m["loc_acc_post"] == 1.0
+
+
+def test_class_logits_give_per_example_metrics():
+    """A classifier's logits [B, C] with labels [B]: one counted position per example."""
+    from mend_jax.metrics import labelled, loc_mask, locality_kl, masked_nll, sequence_nll
+
+    logits = jnp.asarray([[2.0, 0.0, 0.0],
+                          [0.0, 1.0, 3.0],
+                          [1.0, 1.0, 0.0],
+                          [0.0, 5.0, 0.0]])
+    labels = jnp.asarray([0, 1, 1, IGNORE])
+    # argmax == label: 0 == 0, 2 != 1, 0 != 1 (first of a tie), and an uncounted label fails
+    assert sequence_correct(logits, labels, shift=False).tolist() == [True, False, False, False]
+    # −log p(label): log(e^2 + 2) − 2, log(1 + e + e^3) − 1, log(2e + 1) − 1, and 0 (uncounted)
+    e = np.e
+    want = [np.log(e**2 + 2) - 2, np.log(1 + e + e**3) - 1, np.log(2 * e + 1) - 1, 0.0]
+    np.testing.assert_allclose(sequence_nll(logits, labels, shift=False), want, rtol=1e-6)
+    np.testing.assert_allclose(masked_nll(logits, labels, shift=False), np.mean(want[:3]),
+                               rtol=1e-6)
+    assert labelled(labels).tolist() == [True, True, True, False]
+    # locality: one distribution per example, every example counted
+    mask = loc_mask({"input_ids": jnp.zeros((4, 7), jnp.int32), "labels": labels}, False)
+    assert mask.tolist() == [1, 1, 1, 1]
+    edited = logits.at[1].set(jnp.asarray([0.0, 3.0, 1.0]))  # only example 1 changes
+    p, q = jax.nn.softmax(logits[1]), jax.nn.softmax(edited[1])
+    kl_1 = float((p * (jnp.log(p) - jnp.log(q))).sum())
+    assert float(locality_kl(logits, edited, mask)) == pytest.approx(kl_1 / 4, rel=1e-5)
+    with pytest.raises(ValueError, match=r"labels \(4,\), logits \(4, 3\), shift=True"):
+        sequence_nll(logits, labels, shift=True)

@@ -165,8 +165,9 @@ def test_unsupported_heads_are_named():
 
 
 def test_class_logits_fail_clearly_where_token_logits_are_needed(checkpoints):
-    """A classifier's [B, num_labels] logits with [B] labels: the mean cross-entropy works
-    unshifted; shifting, per-sequence metrics and generation name the shapes instead."""
+    """A classifier's [B, num_labels] logits with [B] labels: the mean cross-entropy and the
+    per-example metrics work unshifted (tests/test_metrics.py); shifting and generation name
+    the shapes instead."""
     _, _, model, logits = checkpoints["classifier"]
     ids, mask = right_padded_batch(V, LENGTHS)
     out = logits(model.params, ids, mask)
@@ -175,7 +176,7 @@ def test_class_logits_fail_clearly_where_token_logits_are_needed(checkpoints):
     np.testing.assert_allclose(masked_nll(out, labels, shift=model.shift_labels), want, rtol=1e-6)
     with pytest.raises(ValueError, match=r"\(3, 3\).*no next token"):
         masked_nll(out, labels, shift=True)
-    with pytest.raises(ValueError, match=r"labels \(3,\), logits \(3, 3\)"):
-        sequence_correct(out, labels, shift=False)
+    with pytest.raises(ValueError, match=r"labels \(3,\), logits \(3, 3\), shift=True"):
+        sequence_correct(out, labels, shift=True)
     with pytest.raises(ValueError, match="does not generate text"):
         generate(model, model.params, ids, max_new_tokens=1)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,8 +27,12 @@ def tokenize_pairs(
     max_target_length: int | None = None,
     append_eos: bool = False,
     decoder_start_token_id: int | None = None,
+    label2id: Mapping[str, int] | None = None,
 ) -> Batch:
     """Tokenise prompt→target pairs into fixed-shape int32 arrays with -100 outside the target.
+
+    `Model.pair_format` holds the keyword arguments a model needs (`seq2seq`,
+    `decoder_start_token_id`, `label2id`).
 
     Decoder-only (`seq2seq=False`): input_ids = prompt + " " + target (+ eos if `append_eos`),
     [B, max_length], right-padded; labels are aligned with input_ids (the model shifts: logits
@@ -38,10 +42,15 @@ def tokenize_pairs(
     eos), left-truncated to max_length; labels = target + eos, [B, max_target_length];
     decoder_input_ids = [decoder_start] + labels[:-1], decoder_start defaulting to the pad id
     (T5's convention; pass the model's `decoder_start_token_id` for BART).
-    Both return a `truncated` bool array [B]; truncations are also logged.
+    Classifier (`label2id` given): input_ids = prompt with the tokenizer's own specials
+    (e.g. [CLS] ... [SEP]), right-truncated to max_length (the last token, e.g. [SEP], kept);
+    labels [B] = label2id[target], the class the prompt is to be given.
+    All return a `truncated` bool array [B]; truncations are also logged.
     """
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    if label2id is not None:
+        return _classify(tokenizer, prompts, targets, max_length, label2id)
     if seq2seq:
         return _seq2seq(
             tokenizer,
@@ -158,6 +167,46 @@ def _seq2seq(
     }
 
 
+def _class_ids(targets: Sequence[str], label2id: Mapping[str, int]) -> list[int]:
+    """The class id of each target label name; an EditError naming an unknown one."""
+    from mend_jax.errors import EditError
+
+    out = []
+    for i, target in enumerate(targets):
+        if target not in label2id:
+            raise EditError(f"pair {i}: target {target!r} is not one of the classifier's "
+                             f"labels {sorted(label2id)} (its config's label2id)")
+        out.append(int(label2id[target]))
+    return out
+
+
+def _classify(
+    tokenizer: Any,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    max_length: int,
+    label2id: Mapping[str, int],
+) -> Batch:
+    bsz = len(prompts)
+    labels = np.asarray(_class_ids(targets, label2id), np.int32)
+    input_ids = np.full((bsz, max_length), _pad_id(tokenizer), np.int32)
+    attention_mask = np.zeros((bsz, max_length), np.int32)
+    truncated = np.zeros(bsz, bool)
+    for i, p in enumerate(_ids(tokenizer, prompts, True)):
+        if len(p) > max_length:
+            p = p[: max_length - 1] + p[-1:]
+            truncated[i] = True
+        input_ids[i, : len(p)] = p
+        attention_mask[i, : len(p)] = 1
+    _log_truncation(truncated, max_length)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "truncated": truncated,
+    }
+
+
 def _log_truncation(truncated: np.ndarray, max_length: int) -> None:
     if truncated.any():
         log.warning(
@@ -179,6 +228,8 @@ def make_edit_batch(
     max_target_length: int | None = None,
     neighborhood: bool = True,
     loc_neighbors: bool | float = False,
+    decoder_start_token_id: int | None = None,
+    label2id: Mapping[str, int] | None = None,
 ) -> dict[str, Batch]:
     """Build the edit_inner / edit_outer / loc (/ neighborhood) batches of one training step.
 
@@ -191,6 +242,7 @@ def make_edit_batch(
     `rng`; the loc pair when a request has none): locality is then also enforced on the
     hardest cases, other subjects that share the edited fact's true object. A float in (0, 1)
     replaces each such row with that probability (drawn with `rng`); True is 1.0.
+    `decoder_start_token_id` and `label2id` go to `tokenize_pairs` (see `Model.pair_format`).
     """
     frac = float(loc_neighbors)
     if not 0.0 <= frac <= 1.0:
@@ -204,6 +256,8 @@ def make_edit_batch(
         "seq2seq": seq2seq,
         "max_length": max_length,
         "max_target_length": max_target_length,
+        "decoder_start_token_id": decoder_start_token_id,
+        "label2id": label2id,
     }
     outer = [
         r.rephrases[rng.integers(len(r.rephrases))] if r.rephrases else r.prompt for r in edits
@@ -242,6 +296,8 @@ def batch_iterator(
     n_edits: int | None = None,
     max_target_length: int | None = None,
     drop_last: bool = True,
+    decoder_start_token_id: int | None = None,
+    label2id: Mapping[str, int] | None = None,
 ) -> Iterator[dict[str, Batch]]:
     """Yield `make_edit_batch` batches of `batch_size` requests, for `epochs` (None: forever).
 
@@ -265,5 +321,7 @@ def batch_iterator(
                 rng=rng,
                 n_edits=None if n_edits is None else min(n_edits, len(chunk)),
                 max_target_length=max_target_length,
+                decoder_start_token_id=decoder_start_token_id,
+                label2id=label2id,
             )
         epoch += 1

@@ -87,7 +87,7 @@ class ENN:
         def nll(weights):
             logits = model.logits(self.with_weights(model_params, weights),
                                   *model_inputs(edit_batch))
-            return masked_nll(logits, edit_batch["labels"], shift=not model.seq2seq)
+            return masked_nll(logits, edit_batch["labels"], shift=model.shift_labels)
 
         weights = params["inner_params"]
         pre_loss = None

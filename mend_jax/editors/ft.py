@@ -68,7 +68,7 @@ class FineTune:
         def loss(weights):
             params = full(weights)
             logits = model.logits(params, *model_inputs(inner_batch))
-            total = masked_nll(logits, inner_batch["labels"], shift=not model.seq2seq)
+            total = masked_nll(logits, inner_batch["labels"], shift=model.shift_labels)
             if base_loc is not None:
                 post = model.logits(params, *model_inputs(loc))
                 total = total + c.c_loc * locality_kl(base_loc, post, loc_mask(loc, model.seq2seq))

@@ -388,7 +388,7 @@ class MEND:
                         train: bool = False) -> tuple[dict, dict, jax.Array]:
         """(new model params, new stats, pre-edit loss). With train=True stats absorb the edit."""
         # The editor is not trained through the base model's backward pass (as the reference).
-        shift = not self.model.seq2seq
+        shift = self.model.shift_labels
         loss_fn = None
         if self.config.capture_loss == "per_request":
             loss_fn = lambda logits, b: sequence_nll(logits, b["labels"], shift).sum()  # noqa: E731

@@ -53,6 +53,22 @@ class Model:
         """Whether logits at t predict the label at t+1 (decoder-only language models)."""
         return self.targets == "next_token"
 
+    @property
+    def pair_format(self) -> dict[str, Any]:
+        """How (prompt, target) text becomes this model's batches: the keyword arguments of
+        `tokenize_pairs` / `make_edit_batch` (`seq2seq`; the decoder's first input id, the
+        config's `decoder_start_token_id` or its pad id; a classifier's `label2id`, which
+        turns target strings into class ids)."""
+        hf = self.hf_config
+        start = None
+        if self.seq2seq:
+            start = getattr(hf, "decoder_start_token_id", None)
+            start = getattr(hf, "pad_token_id", None) if start is None else start
+        label2id = None
+        if self.targets == "class":
+            label2id = {str(k): int(v) for k, v in hf.label2id.items()}
+        return {"seq2seq": self.seq2seq, "decoder_start_token_id": start, "label2id": label2id}
+
     def logits(self, params, input_ids, attention_mask=None, decoder_input_ids=None,
                decoder_attention_mask=None) -> jax.Array:
         """Float32 logits [B, T, V] (T = decoder length for seq2seq models), or [B, num_labels]
