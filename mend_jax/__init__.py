@@ -9,7 +9,7 @@ Everything a user is meant to call:
   `make_editor`
 - training: `MetaTrainer`, `TrainConfig` (the pure, jit-able meta-training step)
 - evaluation: `evaluate_editor`, `format_table`
-- data: `mend_jax.data` (loaders, the geonames benchmark, batching)
+- data: `mend_jax.data` (loaders, the offline geonames benchmarks, batching)
 - scale: `mend_jax.sharding` (mesh and partition rules), `mend_jax.checkpoint`
 - errors: `MendError` and one subclass per layer (`ConfigError`, `DataError`, `CheckpointError`,
   `EditError`, `RunError`), in `mend_jax.errors`

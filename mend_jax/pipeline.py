@@ -26,12 +26,16 @@ from mend_jax.config import validate_config
 from mend_jax.data import (
     EditRequest,
     benchmark_texts,
+    build_claims_benchmark,
     build_geonames_benchmark,
     build_tokenizer,
+    claims_texts,
     load_requests,
     write_benchmark,
+    write_claims_benchmark,
 )
 from mend_jax.editors import make_editor
+from mend_jax.errors import ConfigError
 from mend_jax.evaluation import evaluate_editor, evaluate_sequential, format_table
 from mend_jax.loop import LoopConfig, train_editor
 from mend_jax.models import Model, load_pretrained, save_pretrained
@@ -65,6 +69,7 @@ def prepare(cfg: dict, progress: bool | None = None) -> Prepared:
     progress = cfg.get("progress", True) if progress is None else progress
     mcfg, dcfg = cfg["model"], cfg["data"]
     info: dict = {}
+    bench = claims = None
     if dcfg["format"] == "geonames":
         bench = build_geonames_benchmark(
             seed=cfg["seed"], n_val=dcfg["n_val"], n_test=dcfg["n_test"],
@@ -75,35 +80,39 @@ def prepare(cfg: dict, progress: bool | None = None) -> Prepared:
         # a user's data file takes.
         splits = {s: load_requests(paths[f"{s}.zsre"], "zsre") for s in ("train", "val", "test")}
         info["data_files"] = {k: str(v) for k, v in paths.items()}
+    elif dcfg["format"] == "fever" and dcfg.get("train_path") is None:
+        # The offline FEVER-style benchmark, read back through the FEVER loader.
+        claims = build_claims_benchmark(seed=cfg["seed"], n_val=dcfg["n_val"],
+                                        n_test=dcfg["n_test"], n_train=dcfg.get("n_train"))
+        paths = write_claims_benchmark(claims, Path(cfg["out_dir"]) / "data")
+        splits = {s: load_requests(paths[f"{s}.fever"], "fever")
+                  for s in ("train", "val", "test")}
+        info["data_files"] = {k: str(v) for k, v in paths.items()}
     else:
-        bench = None
         splits = None  # wikitext targets come from the model, loaded below
         if dcfg.get("format") != "wikitext":
             splits = {s: load_requests(dcfg[f"{s}_path"], dcfg.get("format"),
                                        loc_path=dcfg.get("loc_path"))
                       for s in ("train", "val", "test")}
     if mcfg.get("name") is None:
-        if bench is None:
-            raise ValueError("model.name is null (build a base model) but data is not geonames: "
-                             "name a checkpoint folder or hub name with model.name=...")
-        from mend_jax.pretrain import cached_base_model
-
-        tok_cfg = dict(mcfg.get("tokenizer") or {"kind": "word"})
-        tokenizer = build_tokenizer(tok_cfg.pop("kind"), benchmark_texts(bench), **tok_cfg)
-        pre = dict(mcfg["pretrain"], max_length=mcfg["max_length"], seed=cfg["seed"])
-        model, acc = cached_base_model(cfg["cache_dir"], bench["facts"], tokenizer,
-                                       dict(mcfg["build"]), pre, progress=progress)
-        info["base_fact_accuracy"] = acc
+        if claims is not None:
+            model, tokenizer = _built_classifier(cfg, claims, info, progress)
+        elif bench is not None:
+            model, tokenizer = _built_base_model(cfg, bench, info, progress)
+        else:
+            raise ValueError("model.name is null (build a base model) but data is neither the "
+                             "geonames benchmark nor the offline FEVER one: name a checkpoint "
+                             "folder or hub name with model.name=...")
         if cfg.get("dtype", "float32") != "float32":
             model = Model(model.arch, model.config, model.hf_config, model.module,
                           jax.tree.map(lambda x: x.astype(_dtype(cfg["dtype"])), model.params),
                           model.tokenizer, _dtype(cfg["dtype"]))
     else:
         model = load_pretrained(mcfg["name"], dtype=_dtype(cfg.get("dtype", "float32")))
-        if not (model.seq2seq or model.shift_labels):
-            raise ValueError(f"model.name={mcfg['name']}: a {model.arch.name} model with "
-                             f"{model.targets!r} targets; the edit pipeline serves text-generating "
-                             "models (decoder-only or seq2seq) only")
+        if model.targets == "token" and not model.seq2seq:
+            raise ValueError(f"model.name={mcfg['name']}: a {model.arch.name} masked LM; the "
+                             "edit pipeline serves decoder-only and seq2seq language models and "
+                             "sequence classifiers (with data.format=fever)")
         tokenizer = model.tokenizer
         if tokenizer is None:
             raise ValueError(f"{mcfg['name']}: no tokenizer files next to the checkpoint")
@@ -115,6 +124,47 @@ def prepare(cfg: dict, progress: bool | None = None) -> Prepared:
         model = model.with_remat(True)
     info.update({k: len(v) for k, v in splits.items()})
     return Prepared(model, tokenizer, splits, info)
+
+
+def _built_base_model(cfg: dict, bench: dict, info: dict, progress: bool) -> tuple[Model, Any]:
+    """The geonames default's GPT-2, taught the benchmark's facts (cached)."""
+    from mend_jax.pretrain import cached_base_model
+
+    mcfg = cfg["model"]
+    _check_build(mcfg, "GPT2Config", "the geonames default builds a GPT-2 (model=geo_tiny)")
+    tok_cfg = dict(mcfg.get("tokenizer") or {"kind": "word"})
+    tokenizer = build_tokenizer(tok_cfg.pop("kind"), benchmark_texts(bench), **tok_cfg)
+    pre = dict(mcfg["pretrain"], max_length=mcfg["max_length"], seed=cfg["seed"])
+    model, acc = cached_base_model(cfg["cache_dir"], bench["facts"], tokenizer,
+                                   dict(mcfg["build"]), pre, progress=progress)
+    info["base_fact_accuracy"] = acc
+    return model, tokenizer
+
+
+def _built_classifier(cfg: dict, claims: dict, info: dict, progress: bool) -> tuple[Model, Any]:
+    """The offline FEVER benchmark's BERT claim classifier, trained on its claims (cached)."""
+    from mend_jax.pretrain_classifier import build_classifier_tokenizer, cached_classifier
+
+    mcfg = cfg["model"]
+    _check_build(mcfg, "BertConfig", "data=fever builds a BERT classifier (model=bert_tiny)")
+    tok_cfg = dict(mcfg.get("tokenizer") or {"kind": "bpe"})
+    tokenizer = build_classifier_tokenizer(tok_cfg.pop("kind"), claims_texts(claims), **tok_cfg)
+    pre = dict(mcfg["pretrain"], max_length=mcfg["max_length"], seed=cfg["seed"])
+    model, acc = cached_classifier(cfg["cache_dir"], claims["claims"], tokenizer,
+                                   dict(mcfg["build"]), pre, progress=progress)
+    info["base_claim_accuracy"] = acc
+    return model, tokenizer
+
+
+def _check_build(mcfg: dict, config_class: str, what: str) -> None:
+    """model.build's keys must be fields of the transformers config it builds: the config
+    classes accept unknown keywords silently, and a model of their default size would follow."""
+    import transformers
+
+    fields = getattr(transformers, config_class)().to_dict()
+    unknown = sorted(k for k in mcfg.get("build") or {} if k not in fields)
+    if unknown:
+        raise ConfigError(f"model.build: {unknown} are not {config_class} fields; {what}")
 
 
 def _wikitext_splits(cfg: dict, model: Model, tokenizer) -> dict[str, list[EditRequest]]:

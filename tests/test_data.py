@@ -114,7 +114,7 @@ def test_load_requests_dispatch():
         assert sniff_format(FIXTURES / name) == fmt
         assert load_requests(FIXTURES / name) == load_requests(FIXTURES / name, fmt=fmt)
     with pytest.raises(DataError, match="unknown format"):
-        load_requests(FIXTURES / "counterfact.json", fmt="fever")
+        load_requests(FIXTURES / "counterfact.json", fmt="squad")
 
 
 def test_wikitext_loader():

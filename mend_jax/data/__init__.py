@@ -1,4 +1,5 @@
-"""Edit datasets (zsRE, CounterFact, Wikitext, the offline geonames benchmark) and batching.
+"""Edit datasets (zsRE, CounterFact, FEVER, Wikitext, the offline geonames benchmarks) and
+batching.
 
 Every loader returns `list[EditRequest]`; `make_edit_batch` / `batch_iterator` turn requests
 into the fixed-shape numpy batches (`edit_inner`, `edit_outer`, `loc`, `neighborhood`) that the
@@ -7,7 +8,13 @@ training and evaluation steps consume.
 
 from mend_jax.data.batching import IGNORE, batch_iterator, make_edit_batch, tokenize_pairs
 from mend_jax.data.counterfact import load_counterfact
+from mend_jax.data.fever import load_fever
 from mend_jax.data.geonames import RELATIONS, build_geonames_benchmark
+from mend_jax.data.geonames_claims import (
+    build_claims_benchmark,
+    claims_texts,
+    write_claims_benchmark,
+)
 from mend_jax.data.geonames_files import SPLITS, benchmark_texts, load_facts, write_benchmark
 from mend_jax.data.load import FORMATS, load_requests, sniff_format
 from mend_jax.data.request import DataError, EditRequest
@@ -30,11 +37,14 @@ __all__ = [
     "batch_iterator",
     "benchmark_texts",
     "build_bpe_tokenizer",
+    "build_claims_benchmark",
     "build_geonames_benchmark",
     "build_tokenizer",
     "build_word_tokenizer",
+    "claims_texts",
     "load_counterfact",
     "load_facts",
+    "load_fever",
     "load_requests",
     "load_wikitext",
     "load_zsre_easyedit",
@@ -45,4 +55,5 @@ __all__ = [
     "sniff_format",
     "tokenize_pairs",
     "write_benchmark",
+    "write_claims_benchmark",
 ]

@@ -6,10 +6,11 @@ from pathlib import Path
 
 from mend_jax.data._io import is_dataset, read_records
 from mend_jax.data.counterfact import load_counterfact
+from mend_jax.data.fever import is_fever_record, load_fever
 from mend_jax.data.request import DataError, EditRequest
 from mend_jax.data.zsre import load_zsre_easyedit, load_zsre_mend
 
-FORMATS = ("zsre_mend", "zsre", "counterfact", "geonames")
+FORMATS = ("zsre_mend", "zsre", "counterfact", "fever", "geonames")
 
 
 def load_requests(
@@ -26,8 +27,9 @@ def load_requests(
 
     "geonames" takes the directory written by `write_benchmark` and reads its
     `{split}.counterfact.json`; a directory path implies "geonames". Otherwise the format is
-    sniffed from the first record's fields (`input`+`alternatives`: zsre_mend; `src`+`alt`:
-    zsre; `requested_rewrite`: counterfact). `loc_path` is the NQ locality file of zsre_mend.
+    sniffed from the first record's fields (`input`+`alternatives`: zsre_mend, or fever when
+    `prediction` is a FEVER label; `claim`+`label`: fever; `src`+`alt`: zsre;
+    `requested_rewrite`: counterfact). `loc_path` is the NQ locality file of zsre_mend.
     """
     if is_dataset(path):
         if fmt in (None, "geonames"):
@@ -42,6 +44,8 @@ def load_requests(
         return load_zsre_easyedit(path)
     if fmt == "counterfact":
         return load_counterfact(path)
+    if fmt == "fever":
+        return load_fever(path)
     if fmt == "geonames":
         file = path / f"{split}.counterfact.json" if path.is_dir() else path
         return load_counterfact(file) if path.is_dir() else load_requests(file)
@@ -53,6 +57,8 @@ def sniff_format(path) -> str:
     for where, record in read_records(path):
         if "requested_rewrite" in record:
             return "counterfact"
+        if is_fever_record(record):
+            return "fever"
         if "src" in record and "alt" in record:
             return "zsre"
         if "input" in record and "alternatives" in record:
