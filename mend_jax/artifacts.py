@@ -128,6 +128,15 @@ def _write_atomically(path: Path, write) -> Path:
     return path
 
 
+def editor_kind(editor) -> str:
+    """The artifact kind ("mend", "ke" or "enn") of a meta-trained editor."""
+    kinds = [k for k, (cls, _) in EDITORS.items() if type(editor) is cls]
+    if not kinds:
+        raise TypeError(f"save_editor saves {', '.join(EDITORS)} editors, got "
+                        f"{type(editor).__name__}")
+    return kinds[0]
+
+
 def save_editor(path: str | os.PathLike, editor: MEND | KE | ENN, editor_state: dict, *,
                 base_model: str | None = None, max_length: int | None = None) -> Path:
     """Write a MEND, KE or ENN editor (state + config + base model identity) as a folder,
@@ -137,15 +146,12 @@ def save_editor(path: str | os.PathLike, editor: MEND | KE | ENN, editor_state: 
       base_model: the base model's name or folder to record (default: where it was loaded from).
       max_length: the token length the editor was trained with (the CLIs' default).
     """
-    kinds = [k for k, (cls, _) in EDITORS.items() if type(editor) is cls]
-    if not kinds:
-        raise TypeError(f"save_editor saves {', '.join(EDITORS)} editors, got "
-                        f"{type(editor).__name__}")
+    kind = editor_kind(editor)
     model, layout = editor.model, editor.layout
     meta = {
         "format": FORMAT,
         "version": VERSION,
-        "editor": kinds[0],
+        "editor": kind,
         "config": dataclasses.asdict(editor.config),
         "inner_params": [{"name": n, "shape": list(s)}
                          for n, s in zip(layout.inner_params, layout.shapes)],

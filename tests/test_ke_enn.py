@@ -287,3 +287,23 @@ def test_ke_and_enn_artifacts_load_to_an_identical_state(model, tmp_path, name, 
     assert jax.tree.structure(loaded_state) == jax.tree.structure(state)
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(loaded_state)):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_eval_cli_reports_an_artifacts_editor_under_its_kind(model, monkeypatch):
+    """`eval.py --editor DIR` on a KE artifact: "mend" in --methods stands for the folder's
+    editor and the result is keyed "ke"; naming another trained kind is an error."""
+    from mend_jax.cli import eval as eval_cli
+    from mend_jax.cli.common import Loaded
+
+    monkeypatch.setattr(eval_cli, "evaluate_editor",
+                        lambda model_, editor, state, *a, **kw: {"editor": editor,
+                                                                 "state": state})
+    editor = make_editor("ke", model, INNER, hidden_dim=8, condition_dim=8)
+    trained = {"params": "trained"}
+    src = Loaded(model, TOKENIZER, editor, trained, 12, None, "some/editor")
+    got = eval_cli._evaluate_editor_folder(src, REQUESTS, ["mend", "ft"], 1, 12)
+    assert set(got) == {"ke", "ft"}
+    assert got["ke"]["editor"] is editor and got["ke"]["state"] is trained
+    assert got["ke"]["state"] is not got["ft"]["state"]
+    with pytest.raises(ValueError, match="some/editor holds a ke editor"):
+        eval_cli._evaluate_editor_folder(src, REQUESTS, ["enn"], 1, 12)

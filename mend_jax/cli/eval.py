@@ -14,6 +14,7 @@ from pathlib import Path
 
 import jax
 
+from mend_jax.artifacts import editor_kind
 from mend_jax.cli.common import add_source_args, load_source
 from mend_jax.data import load_requests
 from mend_jax.editors import make_editor
@@ -26,16 +27,21 @@ from mend_jax.evaluation import (
     plot_sequential,
     plot_vs_n_edits,
 )
-from mend_jax.pipeline import METHODS, evaluate_all, write_results
+from mend_jax.pipeline import METHODS, TRAINED, evaluate_all, write_results
 
 
 def _evaluate_editor_folder(src, requests, methods, n_edits: int, max_length: int,
                             sequential: int | None = None) -> dict:
     """Every method on `requests`, the baselines with their default options."""
-    results = {}
+    results, trained = {}, editor_kind(src.editor)
     for method in methods:
-        if method == "mend":
-            editor, state = src.editor, src.state
+        if method in TRAINED:
+            if method not in ("mend", trained):
+                raise ValueError(f"--methods {method}: {src.editor_source} holds a {trained} "
+                                 "editor")
+            # "mend" stands for the folder's trained editor whichever it is (as in a run's
+            # evaluation); it is reported under its own kind
+            method, editor, state = trained, src.editor, src.state
         elif method == "untrained":
             editor, state = src.editor, src.editor.init(jax.random.key(0))
         else:
