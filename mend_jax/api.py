@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mend_jax.data.batching import tokenize_pairs
+from mend_jax.editing import jit_edit
 from mend_jax.errors import EditError
 from mend_jax.evaluation import _paired_stats, _post_stats
 from mend_jax.models import Model
@@ -144,7 +145,7 @@ def edit(
     rows_p = list(prompts) + [r for rs in extra for r in rs]
     rows_t = list(targets) + [t for t, rs in zip(targets, extra) for _ in rs]
     batch = _batch(model, tokenizer, rows_p, rows_t, max_length, "edit")
-    return jax.jit(editor.edit)(editor_state, params, batch)
+    return jit_edit(editor)(editor_state, params, batch)
 
 
 def _post_accuracy(model: Model, params, batch: dict) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -14,8 +14,56 @@ from mend_jax.errors import EditError
 from mend_jax.metrics import sequence_nll
 from mend_jax.models import generate
 from mend_jax.models.generation import _max_positions
+from mend_jax.models.names import get_path, set_path
 
 TOKEN_KEYS = ("input_ids", "decoder_input_ids")
+
+
+def edited_names(editor) -> tuple[str, ...] | None:
+    """The HF names of the weights an editor changes (MEND, KE, ENN, UltraEdit, FT); None for
+    an editor that does not say (any object with `edit(state, params, batch)`)."""
+    layout = getattr(editor, "layout", None)
+    names = layout.inner_params if layout is not None else getattr(editor, "inner_params", None)
+    return None if names is None or not hasattr(editor, "model") else tuple(names)
+
+
+def jit_edit(editor, stateful: bool = False) -> Callable:
+    """`editor.edit` compiled so that the program returns the edited weights alone, which are
+    then put into the parameter tree outside it: a jitted function that returned the whole tree
+    would write a copy of every unchanged leaf (for GPT-2 small, 500 MB per edit).
+
+    Returns `edit(state, params, batch) -> new params` (sharing every unchanged leaf with
+    `params`); with `stateful` (UltraEdit's lifelong statistics), `editor.edit_and_update`'s
+    `(state, params, batch) -> (new params, new state)`. Token ids are checked on the concrete
+    batch first, as an eager call would. An editor that does not name its weights
+    (`edited_names` is None) is jitted whole."""
+    names = edited_names(editor)
+    if names is None:
+        return jax.jit(editor.edit_and_update if stateful else editor.edit)
+    model = editor.model
+    paths = [model.names.path(n) for n in names]
+
+    def weights(new):
+        return [get_path(new, path) for path in paths]
+
+    if stateful:
+        core = jax.jit(lambda s, p, b: (lambda out: (weights(out[0]), out[1]))(
+            editor.edit_and_update(s, p, b)))
+    else:
+        core = jax.jit(lambda s, p, b: (weights(editor.edit(s, p, b)), s))
+
+    def merge(params, new_weights):
+        for path, w in zip(paths, new_weights):
+            params = set_path(params, path, w)
+        return params
+
+    def edit(state, params, batch):
+        check_edit_batch(model, batch)
+        new_weights, new_state = core(state, params, batch)
+        new = merge(params, new_weights)
+        return (new, new_state) if stateful else new
+
+    return edit
 
 
 def check_edit_batch(model, batch: Mapping, where: str = "") -> None:

@@ -23,7 +23,7 @@ import numpy as np
 from mend_jax.capture import model_inputs
 from mend_jax.data.batching import tokenize_pairs
 from mend_jax.data.request import EditRequest
-from mend_jax.editing import check_edit_batch
+from mend_jax.editing import check_edit_batch, jit_edit
 from mend_jax.editors.ft import FineTune
 from mend_jax.metrics import IGNORE, loc_mask, sequence_correct, token_log_probs
 
@@ -217,7 +217,7 @@ def _time_edits(editor, editor_state, model_params, groups: list[dict], n: int) 
     """Mean wall time of one jitted `editor.edit` call, compile excluded."""
     if n <= 0:
         return None
-    edit = jax.jit(editor.edit)
+    edit = jit_edit(editor)
     jax.block_until_ready(edit(editor_state, model_params, _edit_batch(editor, groups[0])))
     times = []
     for group in groups[:n]:
@@ -359,8 +359,9 @@ def _edit_fn(editor) -> Callable:
     """Jitted (state, params, batch) -> (new params, new state): stateful editors (UltraEdit's
     lifelong statistics) carry their state from one edit call to the next, others keep it."""
     if getattr(editor, "stateful", False):
-        return jax.jit(editor.edit_and_update)
-    return jax.jit(lambda state, params, batch: (editor.edit(state, params, batch), state))
+        return jit_edit(editor, stateful=True)
+    edit = jit_edit(editor)
+    return lambda state, params, batch: (edit(state, params, batch), state)
 
 
 def evaluate_sequential(

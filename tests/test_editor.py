@@ -258,3 +258,68 @@ def test_per_request_capture_loss_makes_each_requests_delta_independent_of_k(mod
         assert close == additive, loss
     with pytest.raises(ValueError, match="capture_loss"):
         MENDConfig(capture_loss="sum")
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(combine=False), dict(aggregate="lstsq")])
+@pytest.mark.parametrize("train", [False, True])
+def test_shared_groups_in_one_pass_equal_the_editor_weight_by_weight(model, opts, train):
+    """pseudo_gradients runs each shared network once over all its weights' tokens (each row
+    with its weight's mode); this equals transforming weight by weight, merging each weight's
+    tokens into the statistics right before it is normalised (the reference's order)."""
+    from mend_jax.capture import capture, pseudo_gradient
+    from mend_jax.editors.mend import apply_idmlp
+
+    editor = MEND(model, config=MENDConfig(rank=8, **opts))
+    names = editor.layout.inner_params
+    assert len(set(editor.layout.groups)) < len(names)  # groups are shared
+    state = editor.init(jax.random.key(0))
+    params = jax.tree.map(lambda x: x, state["params"])
+    for net in params["nets"].values():  # move off the identity and the neutral modes
+        for sub in net.values():
+            for i, layer in enumerate(sub["layers"]):
+                k = jax.random.key(i)
+                layer["U"] = 0.1 * jax.random.normal(k, layer["U"].shape)
+                layer["mode_scale"] = 1 + 0.5 * jax.random.normal(k, layer["mode_scale"].shape)
+                layer["mode_shift"] = 0.1 * jax.random.normal(k, layer["mode_shift"].shape)
+    _, cap, _ = capture(model, model.params, decoder_batch(61, [7, 4, 9]), names)
+    stats = editor.pseudo_gradients(params, state["stats"], cap, train=True)[1]  # non-trivial
+    got, got_stats = editor.pseudo_gradients(params, stats, cap, train=train)
+    want_stats = stats
+    for name in names:
+        if train:
+            want_stats = editor._merge(want_stats, name, cap[name])
+        u, d, m = editor._standardised(want_stats, name, cap[name])
+        i = names.index(name)
+        nets, mode = params["nets"][editor.layout.groups[i]], editor.layout.modes[i]
+        if editor.config.combine:
+            out = apply_idmlp(nets["uv"], jnp.concatenate([u, d], -1), mode, editor.config)
+            u, d = out[:, : u.shape[-1]], out[:, u.shape[-1]:]
+        else:
+            u = apply_idmlp(nets["u"], u, mode, editor.config)
+            d = apply_idmlp(nets["delta"], d, mode, editor.config)
+        u, d = u * m[:, None], d * m[:, None]
+        if opts.get("aggregate") == "lstsq":
+            continue  # the solve itself is tested on its own; compare the statistics only
+        want = params["edit_lrs"][name] * pseudo_gradient(u, d)
+        np.testing.assert_allclose(np.asarray(got[name]), np.asarray(want), rtol=1e-5,
+                                   atol=1e-6)
+    for a, b in zip(jax.tree.leaves(got_stats), jax.tree.leaves(want_stats)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+
+
+def test_jit_edit_returns_the_edit_sharing_every_unchanged_leaf(model):
+    from mend_jax.editing import jit_edit
+
+    editor = MEND(model, config=MENDConfig(rank=8))
+    state = editor.init(jax.random.key(0))
+    batch = decoder_batch(61, [7, 4, 9])
+    want = jax.jit(editor.edit)(state, model.params, batch)
+    got = jit_edit(editor)(state, model.params, batch)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    edited = {model.names.path(n) for n in editor.layout.inner_params}
+    from mend_jax.models.names import flatten
+
+    old, new_w, new_g = flatten(model.params), flatten(want), flatten(got)
+    for path, leaf in new_g.items():
+        np.testing.assert_allclose(np.asarray(leaf), np.asarray(new_w[path]), atol=1e-6)
+        assert (leaf is old[path]) == (path not in edited), path

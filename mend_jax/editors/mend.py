@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import jax
 import jax.numpy as jnp
 import jax.scipy.linalg  # noqa: F401  (cho_factor / cho_solve)
+import numpy as np
 
 from mend_jax.capture import Captured, capture, pseudo_gradient
 from mend_jax.editing import check_edit_batch
@@ -119,7 +120,9 @@ def init_idmlp(key, dim: int, cfg: MENDConfig, n_modes: int | None) -> dict:
     return {"layers": layers}
 
 
-def apply_idmlp(net: dict, x: jax.Array, mode: int, cfg: MENDConfig) -> jax.Array:
+def apply_idmlp(net: dict, x: jax.Array, mode: int | jax.Array, cfg: MENDConfig) -> jax.Array:
+    """The IDMLP on token rows x [tokens, dim]; `mode` is one weight's mode index, or an int
+    array [tokens] giving each row its own (several weights' tokens in one pass)."""
     act = _ACTS[cfg.act]
     n = len(net["layers"])
     for i, layer in enumerate(net["layers"]):
@@ -313,9 +316,12 @@ class MEND:
     # -- the transform of captured vectors
     def transform(self, params: dict, stats: dict, name: str, cap: Captured):
         """(ũ, δ̃) for one weight, in float32; tokens that do not count are zeroed."""
+        return self._transform_group(params, [(name, self._standardised(stats, name, cap))])[0]
+
+    def _standardised(self, stats: dict, name: str, cap: Captured):
+        """(u, δ, counted-token mask) of one weight, standardised by its group's statistics."""
         cfg = self.config
-        i = self.layout.inner_params.index(name)
-        group, mode = self.layout.groups[i], self.layout.modes[i]
+        group = self.layout.groups[self.layout.inner_params.index(name)]
         u = cap.layer_inputs.astype(jnp.float32)
         d = cap.output_grads.astype(jnp.float32)
         m = selected_tokens(cap, cfg.tokens == "answer")
@@ -323,16 +329,35 @@ class MEND:
             s = stats[group]
             u = _standardise(u, s["u_mean"], s["u_m2"], s["count"], cfg.norm_eps)
             d = _standardise(d, s["d_mean"], s["d_m2"], s["count"], cfg.norm_eps)
+        return u, d, m
+
+    def _transform_group(self, params: dict, members: list) -> list:
+        """[(ũ, δ̃)] of weights that share one editor network, [(name, (u, δ, mask))] in: their
+        token rows go through the network in ONE pass, each row with its weight's mode scale and
+        shift. Row by row this is the per-weight transform; it reads the network's weights once
+        instead of once per weight, which is what small edits are bound by."""
+        cfg, lay = self.config, self.layout
+        index = [lay.inner_params.index(name) for name, _ in members]
+        group = lay.groups[index[0]]
+        assert all(lay.groups[i] == group for i in index)
+        sizes = [u.shape[0] for _, (u, _, _) in members]
+        modes = jnp.concatenate([jnp.full((n,), lay.modes[i], jnp.int32)
+                                 for n, i in zip(sizes, index)])
+        u = jnp.concatenate([u for _, (u, _, _) in members])
+        d = jnp.concatenate([d for _, (_, d, _) in members])
+        m = jnp.concatenate([m for _, (_, _, m) in members])
         nets = params["nets"][group]
         if cfg.combine:
-            out = apply_idmlp(nets["uv"], jnp.concatenate([u, d], -1), mode, cfg)
+            out = apply_idmlp(nets["uv"], jnp.concatenate([u, d], -1), modes, cfg)
             u, d = out[:, : u.shape[-1]], out[:, u.shape[-1]:]
         else:
             if "u" in nets:
-                u = apply_idmlp(nets["u"], u, mode, cfg)
+                u = apply_idmlp(nets["u"], u, modes, cfg)
             if "delta" in nets:
-                d = apply_idmlp(nets["delta"], d, mode, cfg)
-        return u * m[:, None], d * m[:, None]
+                d = apply_idmlp(nets["delta"], d, modes, cfg)
+        u, d = u * m[:, None], d * m[:, None]
+        bounds = np.cumsum(sizes)[:-1].tolist()
+        return list(zip(jnp.split(u, bounds), jnp.split(d, bounds)))
 
     def _merge(self, stats: dict, name: str, cap: Captured) -> dict:
         group = self.layout.groups[self.layout.inner_params.index(name)]
@@ -357,11 +382,20 @@ class MEND:
         once instead of summing the terms. With `train`, as the reference, each weight's
         tokens are merged into its group's statistics right before that weight is normalised,
         so in a shared group later weights see the statistics of earlier ones too."""
-        updates = {}
-        for name in self.layout.inner_params:
+        lay = self.layout
+        standardised = {}
+        for name in lay.inner_params:
             if train:
                 stats = self._merge(stats, name, captured[name])
-            u, d = self.transform(params, stats, name, captured[name])
+            standardised[name] = self._standardised(stats, name, captured[name])
+        transformed = {}
+        for group in dict.fromkeys(lay.groups):
+            names = [n for n, g in zip(lay.inner_params, lay.groups) if g == group]
+            out = self._transform_group(params, [(n, standardised[n]) for n in names])
+            transformed.update(zip(names, out))
+        updates = {}
+        for name in lay.inner_params:
+            u, d = transformed[name]
             if self.config.aggregate == "lstsq":
                 cap = captured[name]
                 m = selected_tokens(cap, self.config.tokens == "answer")
