@@ -30,6 +30,7 @@ def main(argv=None) -> None:
     platform_ = common.setup_jax(args.matmul_precision)
 
     from mend_jax.capture import capture, model_inputs
+    from mend_jax.editing import jit_edit
     from mend_jax.editors import MEND, MENDConfig
     from mend_jax.metrics import masked_nll
     from mend_jax.models import from_config, get_path, set_path
@@ -61,7 +62,8 @@ def main(argv=None) -> None:
         return [get_path(new, path) for path in paths]
 
     calls = {
-        "edit_s": jax.jit(editor.edit),
+        "edit_s": jit_edit(editor),
+        "edit_full_tree_s": jax.jit(editor.edit),
         "edit_weights_only_s": jax.jit(edited_weights),
         "capture_s": jax.jit(lambda s, p, b: capture(model, p, b, inner)[:2]),
         "fwd_bwd_inner_s": jax.jit(lambda s, p, b: grad_inner(p, b)),
@@ -77,12 +79,16 @@ def main(argv=None) -> None:
         for name, fn in calls.items():
             if name == "edit_weights_only_s" and k > args.weights_only_max:
                 continue
-            compiled, compile_s = common.aot_compile(fn, state, params, batch)
-            times, _ = common.time_calls(lambda f=compiled, b=batch: f(state, params, b),
-                                         args.steps, args.warmup, jax.block_until_ready)
+            if name == "edit_s":  # the library's edit: a jitted core and a host-side merge
+                compiled, compile_s = fn, None
+            else:
+                compiled, compile_s = common.aot_compile(fn, state, params, batch)
+            times, first = common.time_calls(lambda f=compiled, b=batch: f(state, params, b),
+                                             args.steps, max(args.warmup, 1),
+                                             jax.block_until_ready)
             row[name] = common.median(times)
             if name == "edit_s":
-                row["edit_compile_s"] = compile_s
+                row["edit_first_call_s"] = first
         row["edit/fwd_bwd_inner"] = row["edit_s"] / row["fwd_bwd_inner_s"]
         row["edit/fwd_bwd_all"] = row["edit_s"] / row["fwd_bwd_all_s"]
         row["load1"] = common.load1()
@@ -90,25 +96,28 @@ def main(argv=None) -> None:
               flush=True)
         rows.append(row)
 
-    table = common.markdown_table(rows, ["edits", "seq", "edit_s", "edit_weights_only_s",
-                                         "capture_s",
+    table = common.markdown_table(rows, ["edits", "seq", "edit_s", "edit_full_tree_s",
+                                         "edit_weights_only_s", "capture_s",
                                          "fwd_bwd_inner_s", "fwd_bwd_all_s",
                                          "edit/fwd_bwd_inner", "edit/fwd_bwd_all",
-                                         "edit_compile_s", "load1"])
+                                         "edit_first_call_s", "load1"])
     worst = max(r["edit/fwd_bwd_inner"] for r in rows)
     notes = [
         f"model: {common.shape_name(args.model, args.small)}, random weights; k edit requests of "
         f"{seq} tokens each (no padding, labels on the last {common.TARGET_TOKENS} tokens), "
         "edited in one call (their tokens pooled); fresh MENDConfig() editor (rank 1920).",
-        "edit_s: `jax.jit(MEND.edit)` (capture + editor networks + W' for every edited weight, "
-        "returning the full parameter tree: under jit every unchanged leaf is copied); "
+        "edit_s: the library's edit, `mend_jax.editing.jit_edit(editor)` (what `mend_jax.edit` "
+        "and the evaluation run: capture + editor networks + W', the compiled program returning "
+        "only the edited weights, merged into the parameter tree on the host); "
+        "edit_full_tree_s: `jax.jit(MEND.edit)`, returning the full parameter tree (under jit "
+        "every unchanged leaf is copied); "
         "edit_weights_only_s: the same edit returning only the edited weights (no copies; "
         f"timed up to {args.weights_only_max} edits); capture_s: the (u, δ) capture pass alone; "
         "fwd_bwd_inner_s: forward + backward for the gradients of the edited weights only (the "
         "tight floor: the backward stops at the lowest edited layer); fwd_bwd_all_s: forward + "
         "backward for every parameter (a plain training pass).",
-        f"each function compiled ahead of time (`jit(...).lower(...).compile()`; "
-        f"edit_compile_s), then median of {args.steps} calls after {args.warmup} warm-up "
+        f"each function but edit_s compiled ahead of time (`jit(...).lower(...).compile()`; "
+        f"edit_s compiles in its first call, edit_first_call_s), then median of {args.steps} calls after {args.warmup} warm-up "
         f"calls, blocked until ready (jax.block_until_ready); device: "
         f"{common.jax_device_name()}.",
         "load1: 1-minute load average after the row (the cores are shared: compare ratios "

@@ -50,7 +50,8 @@ def jit_edit(editor, stateful: bool = False) -> Callable:
         core = jax.jit(lambda s, p, b: (lambda out: (weights(out[0]), out[1]))(
             editor.edit_and_update(s, p, b)))
     else:
-        core = jax.jit(lambda s, p, b: (weights(editor.edit(s, p, b)), s))
+        # (the state is not returned through the program either: that too would be a copy)
+        core = jax.jit(lambda s, p, b: weights(editor.edit(s, p, b)))
 
     def merge(params, new_weights):
         for path, w in zip(paths, new_weights):
@@ -59,9 +60,10 @@ def jit_edit(editor, stateful: bool = False) -> Callable:
 
     def edit(state, params, batch):
         check_edit_batch(model, batch)
-        new_weights, new_state = core(state, params, batch)
-        new = merge(params, new_weights)
-        return (new, new_state) if stateful else new
+        if stateful:
+            new_weights, new_state = core(state, params, batch)
+            return merge(params, new_weights), new_state
+        return merge(params, core(state, params, batch))
 
     return edit
 
