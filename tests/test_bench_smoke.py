@@ -51,6 +51,12 @@ def test_bench_edit_latency_runs():
     assert "edit/fwd_bwd_inner" in out
 
 
+def test_profile_meta_step_runs():
+    out = run_bench("profile_meta_step.py")
+    for part in ("capture", "editor forward + backward", "loss passes", "optimizer", "step"):
+        assert f"| {part}" in out, part
+
+
 def test_bench_many_edits_runs():
     # one row (the whitened solve exercises the most code): each row compiles twice
     out = run_bench("bench_many_edits.py", "--edits", "4", "--aggregates", "lstsq_whiten")
