@@ -117,8 +117,9 @@ def main(argv=None) -> None:
         "tight floor: the backward stops at the lowest edited layer); fwd_bwd_all_s: forward + "
         "backward for every parameter (a plain training pass).",
         f"each function but edit_s compiled ahead of time (`jit(...).lower(...).compile()`; "
-        f"edit_s compiles in its first call, edit_first_call_s), then median of {args.steps} calls after {args.warmup} warm-up "
-        f"calls, blocked until ready (jax.block_until_ready); device: "
+        f"edit_s compiles in its first call, edit_first_call_s), then median of {args.steps} "
+        f"calls after {max(args.warmup, 1)} warm-up calls, blocked until ready "
+        f"(jax.block_until_ready); device: "
         f"{common.jax_device_name()}.",
         "load1: 1-minute load average after the row (the cores are shared: compare ratios "
         "within a row, they are measured back to back).",
