@@ -59,6 +59,11 @@ class MENDConfig:
     # MALMEN's fixed-size caching batches, so statistics and step sizes learned at one k hold
     # at another).
     capture_loss: str = "batch_mean"
+    # Memory: with a number, a weight whose edit has more token rows than this runs the editor
+    # over them in chunks of this many (`lax.scan`, each chunk rematerialised in the backward
+    # pass), accumulating Σ ũδ̃ᵀ (or, lstsq, KᵀK and KᵀV) instead of holding every row's
+    # activations at once. The same update up to float rounding; null: all rows in one pass.
+    chunk_tokens: int | None = None
 
     def __post_init__(self):
         if sum([self.combine, self.one_sided, self.x_only, self.delta_only]) > 1:
@@ -76,6 +81,11 @@ class MENDConfig:
                              f"{self.capture_loss!r}")
         if self.whiten and self.aggregate != "lstsq":
             raise ValueError("whiten needs aggregate: lstsq")
+        if self.chunk_tokens is not None and (isinstance(self.chunk_tokens, bool)
+                                              or not isinstance(self.chunk_tokens, int)
+                                              or self.chunk_tokens < 1):
+            raise ValueError(f"chunk_tokens must be a positive integer or null, got "
+                             f"{self.chunk_tokens!r}")
 
 
 def _clamp_relu(x):
@@ -336,7 +346,7 @@ class MEND:
         token rows go through the network in ONE pass, each row with its weight's mode scale and
         shift. Row by row this is the per-weight transform; it reads the network's weights once
         instead of once per weight, which is what small edits are bound by."""
-        cfg, lay = self.config, self.layout
+        lay = self.layout
         index = [lay.inner_params.index(name) for name, _ in members]
         group = lay.groups[index[0]]
         assert all(lay.groups[i] == group for i in index)
@@ -346,7 +356,13 @@ class MEND:
         u = jnp.concatenate([u for _, (u, _, _) in members])
         d = jnp.concatenate([d for _, (_, d, _) in members])
         m = jnp.concatenate([m for _, (_, _, m) in members])
-        nets = params["nets"][group]
+        u, d = self._apply_nets(params["nets"][group], u, d, m, modes)
+        bounds = np.cumsum(sizes)[:-1].tolist()
+        return list(zip(jnp.split(u, bounds), jnp.split(d, bounds)))
+
+    def _apply_nets(self, nets: dict, u, d, m, modes):
+        """(ũ, δ̃) of standardised rows through one group's networks; rows off the mask zeroed."""
+        cfg = self.config
         if cfg.combine:
             out = apply_idmlp(nets["uv"], jnp.concatenate([u, d], -1), modes, cfg)
             u, d = out[:, : u.shape[-1]], out[:, u.shape[-1]:]
@@ -355,9 +371,44 @@ class MEND:
                 u = apply_idmlp(nets["u"], u, modes, cfg)
             if "delta" in nets:
                 d = apply_idmlp(nets["delta"], d, modes, cfg)
-        u, d = u * m[:, None], d * m[:, None]
-        bounds = np.cumsum(sizes)[:-1].tolist()
-        return list(zip(jnp.split(u, bounds), jnp.split(d, bounds)))
+        return u * m[:, None], d * m[:, None]
+
+    def _chunked_aggregate(self, params: dict, name: str, standardised, keys, reg):
+        """The aggregate of one weight with the editor run over `chunk_tokens` rows at a time:
+        Σ ũδ̃ᵀ, or for lstsq the primal ridge solve from the accumulated KᵀK and KᵀV."""
+        cfg, lay = self.config, self.layout
+        i = lay.inner_params.index(name)
+        nets, mode = params["nets"][lay.groups[i]], lay.modes[i]
+        u, d, m = standardised
+        size = cfg.chunk_tokens
+        pad = (-u.shape[0]) % size
+        n_chunks = (u.shape[0] + pad) // size
+
+        def chunks(x):
+            x = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1))
+            return x.reshape((n_chunks, size) + x.shape[1:])
+
+        lstsq = cfg.aggregate == "lstsq"
+        d_in, d_out = lay.shapes[i]
+
+        @jax.checkpoint
+        def body(acc, chunk):
+            uc, dc, mc, kc = chunk
+            ut, dt = self._apply_nets(nets, uc, dc, mc, mode)
+            if not lstsq:
+                return acc + pseudo_gradient(ut, dt), None
+            values = jnp.sum(kc * ut, -1, keepdims=True) * dt
+            return (acc[0] + kc.T @ kc, acc[1] + kc.T @ values), None
+
+        zero = (jnp.zeros((d_in, d_in), jnp.float32), jnp.zeros((d_in, d_out), jnp.float32))
+        acc, _ = jax.lax.scan(body, zero if lstsq else jnp.zeros((d_in, d_out), jnp.float32),
+                              (chunks(u), chunks(d), chunks(m), chunks(keys)))
+        if not lstsq:
+            return acc
+        lam = jnp.exp(params["log_lambdas"][name])
+        eye = jnp.eye(d_in, dtype=jnp.float32)
+        return _spd_solve(acc[0] + lam * (eye if reg is None else reg.astype(jnp.float32)),
+                          acc[1])
 
     def _merge(self, stats: dict, name: str, cap: Captured) -> dict:
         group = self.layout.groups[self.layout.inner_params.index(name)]
@@ -388,24 +439,34 @@ class MEND:
             if train:
                 stats = self._merge(stats, name, captured[name])
             standardised[name] = self._standardised(stats, name, captured[name])
+        cfg = self.config
+        chunked = {n for n in lay.inner_params
+                   if cfg.chunk_tokens and standardised[n][0].shape[0] > cfg.chunk_tokens}
         transformed = {}
         for group in dict.fromkeys(lay.groups):
-            names = [n for n, g in zip(lay.inner_params, lay.groups) if g == group]
-            out = self._transform_group(params, [(n, standardised[n]) for n in names])
-            transformed.update(zip(names, out))
+            names = [n for n, g in zip(lay.inner_params, lay.groups)
+                     if g == group and n not in chunked]
+            if names:
+                out = self._transform_group(params, [(n, standardised[n]) for n in names])
+                transformed.update(zip(names, out))
         updates = {}
         for name in lay.inner_params:
-            u, d = transformed[name]
-            if self.config.aggregate == "lstsq":
+            keys = reg = None
+            if cfg.aggregate == "lstsq":
                 cap = captured[name]
-                m = selected_tokens(cap, self.config.tokens == "answer")
-                keys = cap.layer_inputs.astype(jnp.float32) * m[:, None]
-                values = jnp.sum(keys * u, -1, keepdims=True) * d
+                keys = cap.layer_inputs.astype(jnp.float32) * standardised[name][2][:, None]
                 reg = (whitening_matrix(stats["second_moments"][name.replace(".", "_")])
-                       if self.config.whiten else None)
+                       if cfg.whiten else None)
+            if name in chunked:
+                agg = self._chunked_aggregate(
+                    params, name, standardised[name],
+                    keys if keys is not None else standardised[name][0][:, :0], reg)
+            elif cfg.aggregate == "lstsq":
+                u, d = transformed[name]
+                values = jnp.sum(keys * u, -1, keepdims=True) * d
                 agg = ridge_solve(keys, values, jnp.exp(params["log_lambdas"][name]), reg)
             else:
-                agg = pseudo_gradient(u, d)
+                agg = pseudo_gradient(*transformed[name])
             updates[name] = params["edit_lrs"][name] * agg
         return updates, stats
 
