@@ -188,16 +188,12 @@ def test_identity_edit_of_a_classifier_measures_the_base_model(classifier):
     assert 0 < m["edit_success"] < 1 and 0 < m["generality"] < 1  # a real mix of predictions
 
 
-def test_mend_edit_of_a_classifier_is_measured_claim_by_claim(classifier):
-    """A fresh MEND editor (norm off: one SGD step of size edit_lr on the class loss) flips
-    claims; evaluate_editor's numbers equal those recomputed from `editor.edit` by hand."""
-    model, tok = classifier
-    reqs = requests()
-    mend = MEND(model, config=MENDConfig(rank=8, norm=False, edit_lr=3.0))
-    state = mend.init(jax.random.key(0))
-    m = evaluate_editor(model, mend, state, model.params, reqs, tok, max_length=MAX_LENGTH,
+def _measured_as_by_hand(model, tok, editor, state, reqs) -> dict:
+    """evaluate_editor's metrics, checked against those recomputed from `editor.edit` claim by
+    claim (one edit per call)."""
+    m = evaluate_editor(model, editor, state, model.params, reqs, tok, max_length=MAX_LENGTH,
                         seed=None, timed_edits=0)
-    edit = jax.jit(mend.edit)
+    edit = jax.jit(editor.edit)
 
     def edited(r):
         batch = tokenize_pairs(tok, [r.prompt], [r.target_new], **model.pair_format,
@@ -208,6 +204,17 @@ def test_mend_edit_of_a_classifier_is_measured_claim_by_claim(classifier):
     want = _by_hand(model, tok, edited, reqs)
     for key, value in want.items():
         assert m[key] == pytest.approx(value, abs=1e-5), key
+    return m
+
+
+def test_mend_edit_of_a_classifier_is_measured_claim_by_claim(classifier):
+    """A fresh MEND editor (norm off: one SGD step of size edit_lr on the class loss) flips
+    claims; evaluate_editor's numbers equal those recomputed from `editor.edit` by hand."""
+    model, tok = classifier
+    reqs = requests()
+    mend = MEND(model, config=MENDConfig(rank=8, norm=False, edit_lr=3.0))
+    state = mend.init(jax.random.key(0))
+    m = _measured_as_by_hand(model, tok, mend, state, reqs)
     assert m["edit_success"] > m["pre_edit_success"]  # the edit did something
     assert m["locality_kl"] > 1e-4
 
@@ -237,20 +244,7 @@ def test_ke_and_enn_edit_and_train_on_a_classifier(classifier, method, opts):
         jax.tree.leaves(new_tstate["editor"]["params"]))]
     assert any(moved)
 
-    state = new_tstate["editor"]
-    m = evaluate_editor(model, editor, state, model.params, reqs, tok, max_length=MAX_LENGTH,
-                        seed=None, timed_edits=0)
-    edit = jax.jit(editor.edit)
-
-    def edited(r):
-        b = tokenize_pairs(tok, [r.prompt], [r.target_new], **model.pair_format,
-                           max_length=MAX_LENGTH)
-        return edit(state, model.params, {k: jnp.asarray(v) for k, v in b.items()
-                                          if k != "truncated"})
-
-    want = _by_hand(model, tok, edited, reqs)
-    for key, value in want.items():
-        assert m[key] == pytest.approx(value, abs=1e-5), key
+    _measured_as_by_hand(model, tok, editor, new_tstate["editor"], reqs)
 
 
 def test_meta_training_metrics_count_a_classifier_s_examples(classifier):
