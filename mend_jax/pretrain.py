@@ -36,10 +36,12 @@ def cache_key(facts: Sequence[tuple[str, str]], model_cfg: dict, train_cfg: dict
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def fact_accuracy(model: Model, params, batch: dict, chunk: int = 512) -> float:
-    """Fraction of facts whose whole answer is the greedy prediction (teacher forcing)."""
+def fact_accuracy(model: Model, params, batch: dict, chunk: int = 512,
+                  shift: bool = True) -> float:
+    """Fraction of facts whose whole answer is the greedy prediction (teacher forcing); with
+    shift=False and a classifier's [B] labels, of examples whose class is the argmax."""
     fn = jax.jit(lambda p, b: sequence_correct(
-        model.logits(p, b["input_ids"], b["attention_mask"]), b["labels"], shift=True))
+        model.logits(p, b["input_ids"], b["attention_mask"]), b["labels"], shift=shift))
     n = len(batch["input_ids"])
     hits = []
     for i in range(0, n, chunk):

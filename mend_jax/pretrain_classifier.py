@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import transformers
@@ -23,9 +22,9 @@ from tqdm.auto import tqdm
 
 from mend_jax.data import build_tokenizer, tokenize_pairs
 from mend_jax.data.fever import LABELS
-from mend_jax.metrics import masked_nll, sequence_correct
+from mend_jax.metrics import masked_nll
 from mend_jax.models import Model, from_config, load_pretrained, save_pretrained
-from mend_jax.pretrain import cache_key
+from mend_jax.pretrain import cache_key, fact_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +41,7 @@ def build_classifier_tokenizer(kind: str, texts, **options):
 
 def claim_accuracy(model: Model, params, batch: dict, chunk: int = 512) -> float:
     """Fraction of claims whose label is the classifier's argmax."""
-    fn = jax.jit(lambda p, b: sequence_correct(
-        model.logits(p, b["input_ids"], b["attention_mask"]), b["labels"], shift=False))
-    n = len(batch["labels"])
-    hits = [np.asarray(fn(params, {k: jnp.asarray(v[i:i + chunk]) for k, v in batch.items()}))
-            for i in range(0, n, chunk)]
-    return float(np.concatenate(hits).mean())
+    return fact_accuracy(model, params, batch, chunk, shift=False)
 
 
 def pretrain_classifier(
