@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mend_jax.data.batching import tokenize_pairs
-from mend_jax.editing import jit_edit
+from mend_jax.editing import compiled_on, jit_edit
 from mend_jax.errors import EditError
 from mend_jax.evaluation import _paired_stats, _post_stats
 from mend_jax.models import Model
@@ -134,6 +134,9 @@ def edit(
         (rephrase, target) rows join the edit, so the pseudo-gradient covers them too.
       tokenizer: defaults to `model.tokenizer`.
       max_length: token length of a (prompt, target) row; default: the longest pair.
+        The compiled edit is kept on the editor and reused by later calls whose batch has the
+        same shape (rows x max_length); a fixed max_length keeps a loop over facts of
+        different lengths from compiling once per length.
     Returns:
       The edited parameters (a new pytree; only the edited weights are new arrays).
     Raises:
@@ -148,8 +151,19 @@ def edit(
     return jit_edit(editor)(editor_state, params, batch)
 
 
+# What the compiled statistics read of a model (not its params, which are arguments).
+_MODEL_WATCH = ("arch", "config", "module")
+
+
+def _stats_fn(model: Model, which: str):
+    """`evaluation`'s per-row statistics of `model`, jitted once per model (kept on it)."""
+    stats = {"post": _post_stats, "paired": _paired_stats}[which]
+    return compiled_on(model, ("api_stats", which),
+                       lambda: jax.jit(lambda *args: stats(model, *args)), watch=_MODEL_WATCH)
+
+
 def _post_accuracy(model: Model, params, batch: dict) -> np.ndarray:
-    stats = jax.jit(lambda p, b: _post_stats(model, p, b))(params, batch)
+    stats = _stats_fn(model, "post")(params, batch)
     return np.asarray(stats["correct_post"], np.float64)
 
 
@@ -201,7 +215,7 @@ def evaluate_edit(
     if locality_prompts is not None and len(locality_prompts):
         batch = _batch(model, tokenizer, locality_prompts, locality_targets, **kw,
                        what="locality")
-        stats = jax.jit(lambda p, q, b: _paired_stats(model, p, q, b))(params, new_params, batch)
+        stats = _stats_fn(model, "paired")(params, new_params, batch)
         out["locality"] = float(np.asarray(stats["unchanged"], np.float64).mean())
     else:
         out["locality"] = None

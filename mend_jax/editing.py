@@ -27,6 +27,58 @@ def edited_names(editor) -> tuple[str, ...] | None:
     return None if names is None or not hasattr(editor, "model") else tuple(names)
 
 
+_COMPILED = "_mend_jax_compiled"  # the attribute that keeps an object's compiled functions
+
+
+class _Compiled:
+    """The compiled functions kept on one object (see `compiled_on`). A copy of the object
+    (copy.copy shares this store, deepcopy and pickle drop it) compiles its own."""
+
+    __slots__ = ("owner", "entries")
+
+    def __init__(self, owner=None):
+        self.owner, self.entries = owner, {}
+
+    def __reduce__(self):
+        return _Compiled, ()
+
+    def __deepcopy__(self, memo):
+        return _Compiled()
+
+
+def compiled_on(owner, key, build: Callable[[], Callable],
+                watch: Sequence[str] | None = None) -> Callable:
+    """`build()`, kept on `owner` so that later calls for the same owner and `key` return the
+    same function, and with it `jax.jit`'s cache of traces: a new `jax.jit` of a new closure
+    (or of a bound method, a new object on every access) traces and compiles anew every call.
+
+    The function lives in a private attribute of `owner`, not in a global table, so it goes when
+    the owner goes (the cycle owner -> function -> owner is the garbage collector's to break).
+    It is rebuilt when one of the owner's attributes named in `watch` (default: all of them) is
+    no longer the object it was at build time, e.g. an editor given a new `config`. An owner
+    that takes no attributes (`__slots__`) gets a new function every call."""
+    try:
+        state = vars(owner)
+    except TypeError:
+        return build()
+    store = state.get(_COMPILED)
+    if not isinstance(store, _Compiled) or store.owner is not owner:
+        store = _Compiled(owner)
+        try:
+            object.__setattr__(owner, _COMPILED, store)
+        except (AttributeError, TypeError):
+            return build()
+    names = sorted(n for n in state if n != _COMPILED) if watch is None else watch
+    seen = tuple((n, getattr(owner, n, None)) for n in names)
+    hit = store.entries.get(key)
+    if hit is not None and len(hit[0]) == len(seen) and all(
+            n == m and a is b for (n, a), (m, b) in zip(hit[0], seen)):
+        return hit[1]
+    fn = build()
+    store.entries[key] = (seen, fn)
+    return fn
+
+
 def jit_edit(editor, stateful: bool = False) -> Callable:
     """`editor.edit` compiled so that the program returns the edited weights alone, which are
     then put into the parameter tree outside it: a jitted function that returned the whole tree
@@ -36,7 +88,14 @@ def jit_edit(editor, stateful: bool = False) -> Callable:
     `params`); with `stateful` (UltraEdit's lifelong statistics), `editor.edit_and_update`'s
     `(state, params, batch) -> (new params, new state)`. Token ids are checked on the concrete
     batch first, as an eager call would. An editor that does not name its weights
-    (`edited_names` is None) is jitted whole."""
+    (`edited_names` is None) is jitted whole.
+
+    The function is kept on the editor (`compiled_on`): calling `jit_edit` again with the same
+    editor returns it, so a batch of shapes already seen is not traced or compiled again."""
+    return compiled_on(editor, ("jit_edit", stateful), lambda: _jit_edit(editor, stateful))
+
+
+def _jit_edit(editor, stateful: bool) -> Callable:
     names = edited_names(editor)
     if names is None:
         return jax.jit(editor.edit_and_update if stateful else editor.edit)
@@ -123,7 +182,7 @@ def edit_report(model, tokenizer, editor, editor_state, prompt: str, target: str
         tokenizer, [prompt], [target], **model.pair_format, max_length=max_length).items()
         if k != "truncated"}
     check_edit_batch(model, batch)
-    new_params = jax.jit(editor.edit)(editor_state, model.params, batch)
+    new_params = jit_edit(editor)(editor_state, model.params, batch)
     prompts = [prompt, *rephrases, *neighbors]
     kinds = ["edit"] + ["rephrase"] * len(rephrases) + ["neighbor"] * len(neighbors)
     probe = {k: jnp.asarray(v) for k, v in tokenize_pairs(

@@ -1,6 +1,9 @@
 """The user's side: strings in, edited params out; editors saved and loaded as folders."""
 
+import dataclasses
+import gc
 import json
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -136,6 +139,62 @@ def test_edit_rejects_bad_inputs_with_one_line(tiny, kwargs, message):
     assert isinstance(err.value, mend_jax.EditInputError) and "\n" not in str(err.value)
 
 
+def _count_traces(editor) -> list:
+    """Replace `editor.edit` by itself plus a counter: its Python body runs only while jax
+    traces it, so the list grows by one per trace (the edit batch's shapes)."""
+    traces, edit = [], editor.edit
+
+    def counted(state, params, batch):
+        traces.append(jax.tree.map(jnp.shape, batch))
+        return edit(state, params, batch)
+
+    editor.edit = counted
+    return traces
+
+
+def test_repeated_edits_with_one_editor_trace_it_once(tiny):
+    editor = mend_jax.MEND(tiny, INNER, mend_jax.MENDConfig(rank=8, edit_lr=0.3, norm=False))
+    state, edit = _trained_like_state(editor), editor.edit
+    traces = _count_traces(editor)
+    first = mend_jax.edit(tiny, tiny.params, editor, state, PROMPTS, TARGETS)
+    # other facts whose token rows have the same shapes: the compiled edit is reused
+    other = ["Berlin", "Paris"]
+    second = mend_jax.edit(tiny, tiny.params, editor, state, PROMPTS, other)
+    assert len(traces) == 1
+    want = jax.jit(edit)(state, tiny.params, _hand_batch(tiny.tokenizer, [*zip(PROMPTS, other)]))
+    for path in map(tiny.names.path, INNER):
+        g, w = np.asarray(get_path(second, path)), np.asarray(get_path(want, path))
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+        assert not np.allclose(g, np.asarray(get_path(first, path)))  # not the first edit
+    # a new batch shape is a new trace (jit's own cache), once
+    for _ in range(2):
+        mend_jax.edit(tiny, tiny.params, editor, state, PROMPTS[:1], TARGETS[:1])
+    assert [t["input_ids"][0] for t in traces] == [2, 1]
+
+
+def test_an_editor_given_a_new_config_is_compiled_anew(tiny):
+    editor = mend_jax.make_editor("ft", tiny, INNER, steps=2, lr=1e-2)
+    state = editor.init(None)
+    path = tiny.names.path(INNER[0])
+    small = get_path(mend_jax.edit(tiny, tiny.params, editor, state, PROMPTS, TARGETS), path)
+    editor.config = dataclasses.replace(editor.config, lr=1e-1)
+    large = get_path(mend_jax.edit(tiny, tiny.params, editor, state, PROMPTS, TARGETS), path)
+    base = np.asarray(get_path(tiny.params, path))
+    assert np.abs(np.asarray(large) - base).max() > 5 * np.abs(np.asarray(small) - base).max()
+
+
+def test_the_compiled_edit_does_not_keep_the_editor_alive(tiny):
+    from mend_jax.editing import jit_edit
+
+    editor = mend_jax.MEND(tiny, INNER, mend_jax.MENDConfig(rank=8))
+    mend_jax.edit(tiny, tiny.params, editor, editor.init(jax.random.key(0)), PROMPTS, TARGETS)
+    assert jit_edit(editor) is jit_edit(editor)  # kept on the editor ...
+    ref = weakref.ref(editor)
+    del editor
+    gc.collect()
+    assert ref() is None  # ... and gone with it: no table outside the editor holds it
+
+
 # ----------------------------------------------------------------------------- evaluate_edit
 def _correct(model, params, tok, rows):
     batch = _hand_batch(tok, rows)
@@ -177,3 +236,28 @@ def test_evaluate_edit_reports_easyedit_metrics(tiny):
                                   locality_prompts=loc_p, locality_targets=loc_t)
     assert same == {"reliability": 0.0, "generalization": None, "locality": 1.0,
                     "portability": None}
+
+
+def test_evaluate_edit_compiles_its_statistics_once_per_model(tmp_path, monkeypatch):
+    import mend_jax.api as api
+
+    model = _tiny(tmp_path)  # a model of its own: the statistics are compiled once per model
+    traces = []
+
+    def counting(name):
+        stats = getattr(api, name)
+
+        def counted(*args):
+            traces.append(name)
+            return stats(*args)
+        return counted
+
+    for name in ("_post_stats", "_paired_stats"):
+        monkeypatch.setattr(api, name, counting(name))
+    kw = dict(locality_prompts=["The river of Paris is the"], locality_targets=["Seine"])
+    first = mend_jax.evaluate_edit(model, model.params, model.params, PROMPTS, TARGETS, **kw)
+    assert sorted(set(traces)) == ["_paired_stats", "_post_stats"]
+    n = len(traces)
+    assert mend_jax.evaluate_edit(model, model.params, model.params, PROMPTS[::-1],
+                                  TARGETS[::-1], **kw) == first
+    assert len(traces) == n
