@@ -46,17 +46,20 @@ def test_bench_meta_step_runs():
     assert "mend-jax" in out and "pytorch" in out and "MEND meta-step" in out
 
 
+@pytest.mark.slow  # a subprocess and its compilations: about 30 s
 def test_bench_edit_latency_runs():
     out = run_bench("bench_edit_latency.py", "--edits", "2")
     assert "edit/fwd_bwd_inner" in out
 
 
+@pytest.mark.slow  # a subprocess and its compilations: about 40 s
 def test_profile_meta_step_runs():
     out = run_bench("profile_meta_step.py")
     for part in ("capture", "editor forward + backward", "loss passes", "optimizer", "step"):
         assert f"| {part}" in out, part
 
 
+@pytest.mark.slow  # a subprocess, two compilations per row: about 30 s
 def test_bench_many_edits_runs():
     # one row (the whitened solve exercises the most code): each row compiles twice
     out = run_bench("bench_many_edits.py", "--edits", "4", "--aggregates", "lstsq_whiten")

@@ -31,6 +31,8 @@ def tiny_overrides(run_dir: Path, cache_dir: Path, max_steps: int = 30) -> list[
 EXPECTED_KEYS = {"edit_success", "generality", "drawdown", "locality_kl", "n_edits", "n_examples"}
 
 
+# train.py end to end (about a minute): every test that reads this run is marked slow, so the
+# default run deselects them and .ci/run runs them with `-m slow`
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     import train
@@ -41,6 +43,7 @@ def trained_run(tmp_path_factory):
     return run_dir, root
 
 
+@pytest.mark.slow
 def test_train_writes_results_for_every_method(trained_run):
     run_dir, _ = trained_run
     results = json.loads((run_dir / "results.json").read_text())
@@ -52,12 +55,14 @@ def test_train_writes_results_for_every_method(trained_run):
     assert results["_run"]["steps"] == 30
 
 
+@pytest.mark.slow
 def test_base_model_is_cached(trained_run, capsys):
     _, root = trained_run
     cached = list((root / "cache").glob("base-*/model.safetensors"))
     assert len(cached) == 1
 
 
+@pytest.mark.slow
 def test_eval_cli_batched_edits_and_plot(trained_run):
     import eval as eval_cli
 
@@ -71,6 +76,7 @@ def test_eval_cli_batched_edits_and_plot(trained_run):
     assert out.with_suffix(".png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_eval_cli_on_a_data_file(trained_run):
     import eval as eval_cli
 
@@ -82,6 +88,7 @@ def test_eval_cli_on_a_data_file(trained_run):
     assert json.loads(out.read_text())["mend"]["n_examples"] == 4
 
 
+@pytest.mark.slow
 def test_edit_cli_reports_and_exports(trained_run, capsys):
     import transformers
 
@@ -98,6 +105,7 @@ def test_edit_cli_reports_and_exports(trained_run, capsys):
     transformers.AutoModelForCausalLM.from_pretrained(str(save))
 
 
+@pytest.mark.slow
 def test_editor_artifact_works_without_the_run(trained_run, capsys):
     import edit as edit_cli
     import eval as eval_cli
@@ -207,6 +215,7 @@ def test_wikitext_data_targets_come_from_the_base_model(tmp_path):
     assert len(req.prompt.split()) == 8 and len(req.target_new.split()) == 10
 
 
+@pytest.mark.slow
 def test_a_second_run_never_overwrites_the_first(trained_run):
     from mend_jax.config import load_config
     from mend_jax.pipeline import train
@@ -225,6 +234,7 @@ def _files(run_dir: Path) -> dict:
             for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
 
 
+@pytest.mark.slow
 def test_resume_with_another_config_is_refused_before_anything_is_written(trained_run):
     from mend_jax.config import ConfigError, load_config
     from mend_jax.pipeline import train
@@ -241,6 +251,7 @@ def test_resume_with_another_config_is_refused_before_anything_is_written(traine
     assert _files(run_dir) == before
 
 
+@pytest.mark.slow
 def test_a_second_concurrent_run_fails_with_one_line(trained_run, capsys):
     import train
     from mend_jax.runs import run_lock
@@ -255,6 +266,7 @@ def test_a_second_concurrent_run_fails_with_one_line(trained_run, capsys):
         pass
 
 
+@pytest.mark.slow
 def test_resume_logs_to_stderr_and_accumulates_train_time(trained_run, capfd):
     import train
 
