@@ -206,6 +206,19 @@ def meta_batch(model: str, vocab: int, n_edit: int, n_loc: int, small: bool,
     return {"edit_inner": inner, "edit_outer": outer, "loc": loc}
 
 
+def with_positions(batch: dict) -> dict:
+    """The meta batch with `logit_positions` on its edit parts (decoder-only models): mend-jax
+    then runs the output head only where an edit label is predicted (`metrics.logit_view`)."""
+    from mend_jax.metrics import POSITIONS, logit_positions, positions_width
+
+    if "decoder_input_ids" in batch["edit_inner"]:
+        return batch
+    parts = ("edit_inner", "edit_outer")
+    width = positions_width(*(batch[k]["labels"] for k in parts))
+    return {**batch, **{k: {**batch[k], POSITIONS: logit_positions(batch[k]["labels"], width)}
+                        for k in parts}}
+
+
 # ----------------------------------------------------------------------------- timing
 def time_calls(fn: Callable[[], object], steps: int, warmup: int,
                block: Callable[[object], object] = lambda x: x) -> tuple[list[float], float]:

@@ -30,6 +30,9 @@ def main(argv=None) -> None:
     p.add_argument("--model", choices=["gpt2", "t5"], default="gpt2")
     p.add_argument("--n-edits", type=int, default=1,
                    help="edit requests per step (their tokens pooled into one edit)")
+    p.add_argument("--full-logits", action="store_true",
+                   help="compute the edit passes' logits at every position (by default only "
+                        "where a label is predicted, as the library's training loop)")
     args = p.parse_args(argv)
 
     import jax
@@ -38,7 +41,7 @@ def main(argv=None) -> None:
 
     platform_ = common.setup_jax(args.matmul_precision)
 
-    from mend_jax.capture import capture, model_inputs
+    from mend_jax.capture import capture, labelled_logits, model_inputs
     from mend_jax.editors import MEND, MENDConfig
     from mend_jax.metrics import loc_mask, locality_kl, masked_nll
     from mend_jax.models import from_config, get_path
@@ -50,8 +53,10 @@ def main(argv=None) -> None:
     editor = MEND(model, config=MENDConfig())
     trainer = MetaTrainer(editor, TrainConfig(accumulate=1))
     state = trainer.init(jax.random.key(0))
-    batch = jax.tree.map(jnp.asarray, common.meta_batch(
-        args.model, cfg.vocab_size, args.n_edits, args.n_edits, args.small))
+    batch = common.meta_batch(args.model, cfg.vocab_size, args.n_edits, args.n_edits, args.small)
+    if not args.full_logits:  # as the library's training loop: the edit heads at the labels only
+        batch = common.with_positions(batch)
+    batch = jax.tree.map(jnp.asarray, batch)
     names = editor.layout.inner_params
     paths = [model.names.path(n) for n in names]
     shift = model.shift_labels
@@ -75,8 +80,7 @@ def main(argv=None) -> None:
         def loss(updates):
             new = editor.apply_updates(p, updates)
             outer, loc = b["edit_outer"], b["loc"]
-            edit_loss = masked_nll(model.logits(new, *model_inputs(outer)), outer["labels"],
-                                   shift)
+            edit_loss = masked_nll(*labelled_logits(model, new, outer), shift)
             base = jax.lax.stop_gradient(model.logits(p, *model_inputs(loc)))
             post = model.logits(new, *model_inputs(loc))
             return 0.1 * edit_loss + locality_kl(base, post, loc_mask(loc, model.seq2seq))
@@ -124,7 +128,8 @@ def main(argv=None) -> None:
         f"model: {common.shape_name(args.model, args.small)}, random weights; "
         f"{args.n_edits} edit + {args.n_edits} equivalent + {args.n_edits} locality "
         f"sequence(s) (`bench/common.py`'s meta_batch); MENDConfig() defaults (rank 1920, "
-        "shared, norm); TrainConfig(accumulate=1).",
+        "shared, norm); TrainConfig(accumulate=1); edit passes' logits "
+        + ("at every position." if args.full_logits else "at the labelled positions only."),
         f"each part compiled on its own, median (and min) of {args.steps} calls after "
         f"{args.warmup} warm-up calls, blocked until ready; gflop is XLA's cost analysis of "
         "the compiled part; device: " + common.jax_device_name() + ".",
@@ -134,7 +139,8 @@ def main(argv=None) -> None:
     if platform_ != "cpu":
         notes.append(common.precision_note(args.matmul_precision, torch=False))
     common.report(f"Meta-training step profile ({'small' if args.small else 'full'} shape, "
-                  f"{args.n_edits} edit(s))", table, notes, record=not args.no_record)
+                  f"{args.n_edits} edit(s){', full logits' if args.full_logits else ''})",
+                  table, notes, record=not args.no_record)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ variable is δ.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import flax.linen as nn
@@ -17,8 +18,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from mend_jax.metrics import IGNORE, masked_nll
-from mend_jax.models.common import Linear
+from mend_jax.metrics import IGNORE, logit_view, masked_nll
+from mend_jax.models.common import Linear, head_at
 from mend_jax.models.names import ParamName
 
 INPUTS = "layer_inputs"
@@ -60,6 +61,17 @@ def model_inputs(batch: Mapping[str, jax.Array]) -> tuple:
             batch.get("decoder_attention_mask"))
 
 
+def labelled_logits(model, params, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """(logits, labels) for the losses and metrics of `mend_jax.metrics`: the full logits and
+    labels, or, for a decoder-only batch that carries `logit_positions`, the logits at the
+    labelled positions alone and the labels aligned to them (`metrics.logit_view`; every shifted
+    metric gives the same values, the output head runs on P + 1 positions instead of T)."""
+    view = logit_view(batch) if model.shift_labels else None
+    if view is None:
+        return model.logits(params, *model_inputs(batch)), batch["labels"]
+    return model.logits(params, *model_inputs(batch), positions=view[0]), view[1]
+
+
 def token_mask_for(param: ParamName, batch: Mapping[str, jax.Array]) -> jax.Array:
     """Which captured tokens of a weight are real: the mask of the token stream it acts on (the
     name map says which: a T5 decoder's cross-attention k/v act on encoder tokens, BERT's pooler
@@ -91,7 +103,8 @@ def capture(
     inner_params: Sequence[str],
     loss_fn: Callable | None = None,
 ) -> tuple[jax.Array, dict[str, Captured], jax.Array]:
-    """One forward/backward pass: (loss, {hf_name: Captured}, logits).
+    """One forward/backward pass: (loss, {hf_name: Captured}, logits) (the logits of
+    `labelled_logits`: at the labelled positions only when the batch has `logit_positions`).
 
     `loss_fn(logits, batch)` defaults to the mean NLL of the batch's labels (aligned as
     `model.shift_labels` says; a classifier's labels are [B]). Padding tokens are
@@ -103,12 +116,17 @@ def capture(
     by_module = {model.names.module_path(n): n for n in inner_params}
     intercept = _interceptor(frozenset(by_module))
     inputs = model_inputs(batch)
+    # With `logit_positions` the head runs on the labelled positions only, and the loss reads
+    # the labels aligned to them (the same loss; see `labelled_logits`).
+    view = logit_view(batch) if model.shift_labels else None
+    loss_batch = batch if view is None else {**batch, "labels": view[1]}
 
     def run(perturbations, mutable):
         variables = {"params": params}
         if perturbations is not None:
             variables["perturbations"] = perturbations
-        with nn.intercept_methods(intercept):
+        with nn.intercept_methods(intercept), (
+                nullcontext() if view is None else head_at(view[0])):
             return model.module.apply(variables, *inputs, mutable=mutable)
 
     _, shapes = jax.eval_shape(lambda: run(None, ["perturbations", "intermediates"]))
@@ -116,7 +134,7 @@ def capture(
 
     def loss_of_perturbations(perturbations):
         logits, state = run(perturbations, ["intermediates"])
-        return loss_fn(logits, batch), (state["intermediates"], logits)
+        return loss_fn(logits, loss_batch), (state["intermediates"], logits)
 
     (loss, (intermediates, logits)), grads = jax.value_and_grad(
         loss_of_perturbations, has_aux=True)(zeros)

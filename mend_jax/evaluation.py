@@ -20,12 +20,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mend_jax.capture import model_inputs
+from mend_jax.capture import labelled_logits, model_inputs
 from mend_jax.data.batching import tokenize_pairs
 from mend_jax.data.request import EditRequest
 from mend_jax.editing import check_edit_batch, jit_edit
 from mend_jax.editors.ft import FineTune
-from mend_jax.metrics import IGNORE, loc_mask, sequence_correct, token_log_probs
+from mend_jax.metrics import (
+    IGNORE,
+    POSITIONS,
+    loc_mask,
+    logit_positions,
+    positions_width,
+    sequence_correct,
+    token_log_probs,
+)
 
 METRIC_KEYS = (
     "edit_success", "generality", "drawdown", "locality_kl", "loc_acc_pre", "loc_acc_post",
@@ -35,7 +43,7 @@ METRIC_KEYS = (
     "efficacy_score", "paraphrase_score", "neighborhood_score",
 )
 _MODEL_KEYS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask",
-               "labels")
+               "labels", POSITIONS)
 # Probe kinds, several (prompt, target) pairs per request (rows weighted per request): measured
 # after the edit; neighbourhood also before it (`_group_fn`).
 def _outer_prompts(r: EditRequest) -> tuple[str, ...]:
@@ -92,6 +100,12 @@ def _prepare(requests: Sequence[EditRequest], tokenizer, k: int, **kw) -> tuple[
             pairs += own + [filler] * (width - len(own))
         batches[kind] = _tokenize(tokenizer, pairs, **kw)
         weights[kind] = w.reshape(n_groups, k, width)
+    if not kw.get("seq2seq") and kw.get("label2id") is None:
+        # Decoder-only: the edit and the post-edit probes need logits at the labelled positions
+        # alone (`capture.labelled_logits`); one width, as kinds are concatenated.
+        width = positions_width(*(b["labels"] for b in batches.values()))
+        for b in batches.values():
+            b[POSITIONS] = logit_positions(b["labels"], width)
     # Generality per surface form of the rephrases, when the requests name them.
     for form in sorted({f for r in requests for f in r.rephrase_forms}):
         w = np.zeros((len(requests), widths["edit_outer"]), np.float32)
@@ -156,7 +170,7 @@ def _paired_stats(model, base_params, new_params, rows) -> dict:
 
 def _post_stats(model, new_params, rows) -> dict:
     shift = model.shift_labels
-    post, labels = _as_rows(model.logits(new_params, *model_inputs(rows)), rows["labels"])
+    post, labels = _as_rows(*labelled_logits(model, new_params, rows))
     logp, mask = token_log_probs(post, labels, shift)
     return {"correct_post": sequence_correct(post, labels, shift),
             "nll_mean_post": -(logp * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1)}

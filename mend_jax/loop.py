@@ -20,7 +20,9 @@ from tqdm.auto import tqdm
 
 from mend_jax.checkpoint import Checkpoints
 from mend_jax.data import EditRequest, make_edit_batch
-from mend_jax.metrics import IGNORE
+from mend_jax.data.batching import target_lengths
+from mend_jax.metrics import IGNORE, POSITIONS, logit_positions
+from mend_jax.metrics import positions_width as widest
 from mend_jax.training import MetaTrainer
 
 log = logging.getLogger(__name__)
@@ -76,7 +78,8 @@ def sample_n_edits(rng: np.random.Generator, n_edits: int, dist: str) -> tuple[i
 def batch_at(requests: Sequence[EditRequest], tokenizer, *, seed: int, step: int,
              batch_size: int, n_edits: int, seq2seq: bool, max_length: int,
              loc_neighbors: bool | float = False, n_edits_dist: str = "fixed",
-             decoder_start_token_id: int | None = None, label2id: dict | None = None) -> dict:
+             decoder_start_token_id: int | None = None, label2id: dict | None = None,
+             positions_width: int | None = None) -> dict:
     """The training batch of a given step: a pure function of (seed, step).
 
     `seq2seq`, `decoder_start_token_id` and `label2id` are the model's `pair_format`.
@@ -85,6 +88,8 @@ def batch_at(requests: Sequence[EditRequest], tokenizer, *, seed: int, step: int
     `batch_size` requests (those of the edited ones first, unrelated facts either way). With a
     sampled k, the edit rows are padded to a power of four by requests whose labels are all
     ignored: they add no loss, and their δ is exactly zero, so the editor skips their tokens.
+    A decoder-only batch's edit parts carry `logit_positions` of `positions_width` (default:
+    the batch's own; a run passes `label_width`'s, one shape for every step).
     """
     rng = np.random.default_rng([seed, step])
     k, rows = sample_n_edits(rng, n_edits, n_edits_dist)
@@ -99,7 +104,25 @@ def batch_at(requests: Sequence[EditRequest], tokenizer, *, seed: int, step: int
     batch["loc"] = {key: v[:batch_size] for key, v in batch["loc"].items()}
     for part in ("edit_inner", "edit_outer"):
         batch[part]["labels"][k:] = IGNORE
+    if not seq2seq and label2id is None:
+        # The edit losses need logits at the answer positions alone (`metrics.logit_view`);
+        # one width for both parts, which `edit_on: both` concatenates.
+        width = positions_width or widest(batch["edit_inner"]["labels"],
+                                          batch["edit_outer"]["labels"])
+        for part in ("edit_inner", "edit_outer"):
+            batch[part][POSITIONS] = logit_positions(batch[part]["labels"], width)
     return _to_device(batch)
+
+
+def label_width(requests: Sequence[EditRequest], tokenizer, *, max_length: int,
+                seq2seq: bool, label2id: dict | None = None, **_) -> int | None:
+    """One `logit_positions` width for every batch of a run (each new width would be a new
+    compilation of the step): the longest target of `requests` in tokens, rounded up to a power
+    of two. None for seq2seq models and classifiers, whose labels are already that short."""
+    if seq2seq or label2id is not None:
+        return None
+    longest = max(target_lengths(tokenizer, [r.target_new for r in requests], max_length))
+    return 1 << max(longest - 1, 0).bit_length()
 
 
 def _to_device(batch: dict) -> dict:
@@ -115,13 +138,14 @@ def _mean(ms: list[dict]) -> dict:
 
 
 def validate(trainer: MetaTrainer, eval_step, editor_state, model_params, requests, tokenizer,
-             *, cfg: LoopConfig, seed: int, max_length: int) -> dict:
+             *, cfg: LoopConfig, seed: int, max_length: int,
+             positions_width: int | None = None) -> dict:
     metrics = []
     for i in range(cfg.val_batches):
         batch = batch_at(requests, tokenizer, seed=seed + VAL_SEED_OFFSET, step=i,
                          batch_size=cfg.batch_size, n_edits=cfg.n_edits,
                          **trainer.model.pair_format, max_length=max_length,
-                         n_edits_dist=cfg.n_edits_dist)
+                         n_edits_dist=cfg.n_edits_dist, positions_width=positions_width)
         metrics.append(eval_step(editor_state, model_params, batch))
     return _mean(metrics)
 
@@ -157,6 +181,8 @@ def train_editor(trainer: MetaTrainer, model_params, train_requests, val_request
 
     writer = SummaryWriter(str(run_dir / "tb"), purge_step=book["step"] or None)
     pair_format = trainer.model.pair_format
+    width = label_width([*train_requests, *val_requests], tokenizer, max_length=max_length,
+                        **pair_format)
     start = book["step"]
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps,
                desc="meta-train", disable=not progress, mininterval=1)
@@ -167,7 +193,7 @@ def train_editor(trainer: MetaTrainer, model_params, train_requests, val_request
         batch = batch_at(train_requests, tokenizer, seed=seed, step=step,
                          batch_size=cfg.batch_size, n_edits=cfg.n_edits, **pair_format,
                          max_length=max_length, loc_neighbors=cfg.loc_neighbors,
-                         n_edits_dist=cfg.n_edits_dist)
+                         n_edits_dist=cfg.n_edits_dist, positions_width=width)
         state, metrics = step_fn(state, model_params, batch)
         book["step"] = step + 1
         if float(metrics["skipped"]):
@@ -181,7 +207,8 @@ def train_editor(trainer: MetaTrainer, model_params, train_requests, val_request
         done = step + 1 == cfg.max_steps
         if (step + 1) % cfg.val_every == 0 or done:
             val = validate(trainer, eval_step, state["editor"], model_params, val_requests,
-                           tokenizer, cfg=cfg, seed=seed, max_length=max_length)
+                           tokenizer, cfg=cfg, seed=seed, max_length=max_length,
+                           positions_width=width)
             for k, v in val.items():
                 writer.add_scalar(f"val/{k}", v, step + 1)
             book["val_history"].append({"step": step + 1, **val})

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int
 
 IGNORE = -100
+# A decoder-only batch may carry the positions whose logits predict its counted labels
+# ([B, P], padded with -1): then only those positions go through the output head.
+POSITIONS = "logit_positions"
 
 
 def _align(logits, labels, shift: bool):
@@ -97,3 +101,49 @@ def loc_mask(batch, seq2seq: bool) -> jax.Array:
     if labels is not None and labels.ndim == 1:
         return jnp.ones(labels.shape, jnp.int32)
     return batch["decoder_attention_mask"] if seq2seq else batch["attention_mask"]
+
+
+def _bucket(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def logit_positions(labels: np.ndarray, width: int | None = None) -> np.ndarray:
+    """Host side: for decoder-only labels [B, T], the positions t whose logits predict a counted
+    label (labels[t + 1] counted), in order, [B, width] padded with -1. `width` defaults to the
+    largest count rounded up to a power of two, so batches take few distinct shapes (each shape
+    is one compilation)."""
+    counted = np.asarray(labels)[:, 1:] != IGNORE
+    n = int(counted.sum(1).max(initial=0))
+    width = _bucket(n) if width is None else width
+    if n > width:
+        raise ValueError(f"a row has {n} counted labels, more than the width {width}")
+    out = np.full((counted.shape[0], width), -1, np.int32)
+    for i, row in enumerate(counted):
+        idx = np.flatnonzero(row)
+        out[i, : len(idx)] = idx
+    return out
+
+
+def positions_width(*label_arrays: np.ndarray) -> int:
+    """One `logit_positions` width for several batches (e.g. an edit's inputs and rephrases,
+    which are concatenated in one forward)."""
+    return _bucket(max(int((np.asarray(a)[:, 1:] != IGNORE).sum(1).max(initial=0))
+                       for a in label_arrays))
+
+
+def logit_view(batch) -> tuple[jax.Array, jax.Array] | None:
+    """(gather [B, P+1], labels [B, P+1]) for a batch with `logit_positions`, None without.
+
+    The shifted metrics of this module over `logits[gather]` and these labels equal those over
+    the full logits and labels: view position j holds the logits of position p_j and view label
+    j + 1 the label p_j predicts (the last gathered position, and every padding entry, pair with
+    an ignored label). None too when the view would be no narrower than the sequence."""
+    pos = batch.get(POSITIONS) if hasattr(batch, "get") else None
+    labels = batch["labels"]
+    if pos is None or pos.shape[1] + 1 >= labels.shape[1]:
+        return None
+    at = jnp.maximum(pos, 0)
+    nxt = jnp.where(pos >= 0, jnp.take_along_axis(labels, at + 1, axis=1), IGNORE)
+    first = jnp.full((labels.shape[0], 1), IGNORE, labels.dtype)
+    return (jnp.concatenate([at, jnp.zeros_like(at[:, :1])], 1),
+            jnp.concatenate([first, nxt.astype(labels.dtype)], 1))

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mend_jax.capture import model_inputs
+from mend_jax.capture import labelled_logits, model_inputs
 from mend_jax.editors.enn import ENN
 from mend_jax.editors.ke import KE
 from mend_jax.editors.mend import MEND
@@ -118,16 +118,17 @@ class MetaTrainer:
             {"params": editor_params, "stats": stats}, model_params, batch["edit_inner"],
             train=train)
         outer = batch["edit_outer"]
+        n_outer = outer["labels"].shape[0]
         if c.edit_on == "both":
             # One forward over [outer; inner] rows (same width): the mean NLL of both.
             both = {k: jnp.concatenate([outer[k], batch["edit_inner"][k]])
                     for k in outer if k in batch["edit_inner"]}
-            post_both = model.logits(new_params, *model_inputs(both))
-            edit_loss = masked_nll(post_both, both["labels"], shift)
-            post_outer = post_both[: outer["labels"].shape[0]]
+            post_both, both_labels = labelled_logits(model, new_params, both)
+            edit_loss = masked_nll(post_both, both_labels, shift)
+            post_outer, outer_labels = post_both[:n_outer], both_labels[:n_outer]
         else:
-            post_outer = model.logits(new_params, *model_inputs(outer))
-            edit_loss = masked_nll(post_outer, outer["labels"], shift)
+            post_outer, outer_labels = labelled_logits(model, new_params, outer)
+            edit_loss = masked_nll(post_outer, outer_labels, shift)
         loc = batch["loc"]
         mask = loc_mask(loc, model.seq2seq)
         base_loc = jax.lax.stop_gradient(model.logits(model_params, *model_inputs(loc)))
@@ -151,8 +152,8 @@ class MetaTrainer:
             "edit_loss": edit_loss,
             "pre_edit_loss": pre_loss,
             "locality_kl": loc_kl,
-            "edit_acc": _row_mean(sequence_correct(post_outer, outer["labels"], shift),
-                                  outer["labels"]),
+            "edit_acc": _row_mean(sequence_correct(post_outer, outer_labels, shift),
+                                  outer_labels),
             "n_edits": jnp.sum(labelled(outer["labels"])).astype(jnp.float32),
             "loc_acc_pre": sequence_correct(base_loc, loc["labels"], shift).mean(),
             "loc_acc_post": sequence_correct(post_loc, loc["labels"], shift).mean(),

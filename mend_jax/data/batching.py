@@ -86,6 +86,13 @@ def _check_target(ids: list[int], i: int, target: str, unk: int | None = None) -
                         f"know (it encodes to the unknown token)")
 
 
+def target_lengths(tokenizer: Any, targets: Sequence[str], max_length: int,
+                   append_eos: bool = False) -> list[int]:
+    """How many labelled tokens a decoder-only `tokenize_pairs` gives each target."""
+    ids = _ids(tokenizer, [" " + t for t in targets], False)
+    return [min(len(t) + int(append_eos), max_length - 1) for t in ids]
+
+
 def _decoder_only(
     tokenizer: Any, prompts: Sequence[str], targets: Sequence[str], max_length: int, eos: bool
 ) -> Batch:

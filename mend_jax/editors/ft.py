@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mend_jax.capture import model_inputs
+from mend_jax.capture import labelled_logits, model_inputs
 from mend_jax.editing import check_edit_batch
 from mend_jax.metrics import loc_mask, locality_kl, masked_nll
 from mend_jax.models.names import get_path, set_path
@@ -67,8 +67,8 @@ class FineTune:
 
         def loss(weights):
             params = full(weights)
-            logits = model.logits(params, *model_inputs(inner_batch))
-            total = masked_nll(logits, inner_batch["labels"], shift=model.shift_labels)
+            total = masked_nll(*labelled_logits(model, params, inner_batch),
+                               shift=model.shift_labels)
             if base_loc is not None:
                 post = model.logits(params, *model_inputs(loc))
                 total = total + c.c_loc * locality_kl(base_loc, post, loc_mask(loc, model.seq2seq))

@@ -8,7 +8,8 @@ input and δ the gradient w.r.t. the output; `mend_jax.capture` intercepts `Line
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import flax.linen as nn
 import jax
@@ -52,6 +53,44 @@ class Embed(nn.Module):
 
     def attend(self, x: jax.Array) -> jax.Array:
         return jnp.einsum("...d,vd->...v", x, self.embedding.astype(x.dtype))
+
+
+class TiedHead(nn.Module):
+    """Logits against an embedding table passed in (a tied head reached from outside the
+    module that owns the table); no parameters of its own."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, table: jax.Array) -> jax.Array:
+        return jnp.einsum("...d,vd->...v", x, table.astype(x.dtype))
+
+
+def _is_head(module: nn.Module, method: str) -> bool:
+    """A language model's output head: a tied `Embed.attend` or `TiedHead`, or a `Linear` named
+    "lm_head"."""
+    return ((isinstance(module, Embed) and method == "attend")
+            or (isinstance(module, TiedHead) and method == "__call__")
+            or (isinstance(module, Linear) and method == "__call__" and module.name == "lm_head"))
+
+
+@contextmanager
+def head_at(positions: jax.Array) -> Iterator[list]:
+    """Within this context the output head reads only the hidden states at `positions` [B, P]
+    (indices into the sequence axis): the model returns logits [B, P, V] instead of [B, T, V].
+    Every layer below the head still runs on every position, so the logits are exactly those
+    of the full call at the chosen positions; the head's matmul (the largest of a small model,
+    and of the vocabulary-wide softmax after it) shrinks by T/P. Yields the list of heads it
+    rerouted, for the caller to check that there was one."""
+    hits: list = []
+
+    def intercept(next_fun, args, kwargs, context):
+        if not _is_head(context.module, context.method_name):
+            return next_fun(*args, **kwargs)
+        hits.append(context.module.name)
+        x = jnp.take_along_axis(args[0], positions[:, :, None].astype(jnp.int32), axis=1)
+        return next_fun(x, *args[1:], **kwargs)
+
+    with nn.intercept_methods(intercept):
+        yield hits
 
 
 class LayerNorm(nn.Module):

@@ -17,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from mend_jax.errors import CheckpointError
+from mend_jax.models.common import head_at
 from mend_jax.models.names import NameMap, flatten, get_path, set_path
 from mend_jax.models.registry import Architecture, get_architecture, supported_model_types
 
@@ -70,11 +71,21 @@ class Model:
         return {"seq2seq": self.seq2seq, "decoder_start_token_id": start, "label2id": label2id}
 
     def logits(self, params, input_ids, attention_mask=None, decoder_input_ids=None,
-               decoder_attention_mask=None) -> jax.Array:
+               decoder_attention_mask=None, *, positions=None) -> jax.Array:
         """Float32 logits [B, T, V] (T = decoder length for seq2seq models), or [B, num_labels]
-        for a sequence classifier (`targets == "class"`)."""
-        return self.module.apply({"params": params}, input_ids, attention_mask,
-                                 decoder_input_ids, decoder_attention_mask)
+        for a sequence classifier (`targets == "class"`). With `positions` [B, P] (a decoder-only
+        language model's sequence indices): the logits at those positions alone, [B, P, V],
+        with the output head computed only there (`common.head_at`)."""
+        args = ({"params": params}, input_ids, attention_mask, decoder_input_ids,
+                decoder_attention_mask)
+        if positions is None:
+            return self.module.apply(*args)
+        with head_at(positions) as heads:
+            out = self.module.apply(*args)
+        if len(heads) != 1:
+            raise ValueError(f"{self.arch.name}: logits at chosen positions need one output head "
+                             f"(a tied embedding or a Linear named lm_head); found {heads}")
+        return out
 
     def default_inner_params(self) -> list[str]:
         return self.arch.default_inner_params(self.config)

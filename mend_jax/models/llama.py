@@ -17,6 +17,7 @@ from mend_jax.models.common import (
     Embed,
     Linear,
     RMSNorm,
+    TiedHead,
     activation,
     attention_bias,
     dot_product_attention,
@@ -213,8 +214,8 @@ class LlamaForCausalLM(nn.Module):
         x = model(input_ids, attention_mask)
         if c.tie_word_embeddings:
             # Reuse the bound embedding table of the decoder stack.
-            logits = model.variables["params"]["embed_tokens"]["embedding"]
-            logits = jnp.einsum("...d,vd->...v", x, logits.astype(x.dtype))
+            table = model.variables["params"]["embed_tokens"]["embedding"]
+            logits = TiedHead(name="tied_head")(x, table)
         else:
             logits = Linear(c.vocab_size, False, self.dtype, name="lm_head")(x)
         return logits.astype(jnp.float32)
