@@ -117,12 +117,11 @@ def batch_at(requests: Sequence[EditRequest], tokenizer, *, seed: int, step: int
 def label_width(requests: Sequence[EditRequest], tokenizer, *, max_length: int,
                 seq2seq: bool, label2id: dict | None = None, **_) -> int | None:
     """One `logit_positions` width for every batch of a run (each new width would be a new
-    compilation of the step): the longest target of `requests` in tokens, rounded up to a power
-    of two. None for seq2seq models and classifiers, whose labels are already that short."""
+    compilation of the step): the longest target of `requests` in tokens. None for seq2seq
+    models and classifiers, whose labels are already that short."""
     if seq2seq or label2id is not None:
         return None
-    longest = max(target_lengths(tokenizer, [r.target_new for r in requests], max_length))
-    return 1 << max(longest - 1, 0).bit_length()
+    return max(target_lengths(tokenizer, [r.target_new for r in requests], max_length))
 
 
 def _to_device(batch: dict) -> dict:

@@ -172,7 +172,7 @@ def test_a_run_uses_one_positions_width_that_fits_every_target():
     assert lengths == list((labels != IGNORE).sum(1))
     assert max(lengths) > 4  # the long names span several tokens
     width = label_width(reqs, tok, max_length=24, seq2seq=False)
-    assert width == 1 << (max(lengths) - 1).bit_length()
+    assert width == max(lengths)
     assert label_width(reqs, tok, max_length=24, seq2seq=True) is None
     shapes = set()
     for step in range(6):  # one short target per batch: the batch's own width would be smaller
