@@ -46,6 +46,19 @@ def test_bench_meta_step_runs():
     assert "mend-jax" in out and "pytorch" in out and "MEND meta-step" in out
 
 
+@pytest.mark.slow  # a subprocess, one compilation per kind of step
+def test_bench_logit_positions_runs():
+    out = run_bench("bench_logit_positions.py")
+    assert "| labelled positions only" in out and "| every position" in out
+
+
+@pytest.mark.slow  # builds the default benchmark and tokenizer, two compilations
+def test_bench_default_step_runs():
+    out = run_bench("bench_default_step.py")
+    assert "| every position" in out and "the loss after the last step agrees" in out
+    assert "DIFFERENT" not in out  # the two steps' losses agree
+
+
 @pytest.mark.slow  # a subprocess and its compilations: about 30 s
 def test_bench_edit_latency_runs():
     out = run_bench("bench_edit_latency.py", "--edits", "2")
