@@ -9,13 +9,15 @@ import transformers
 from mend_jax.editors import MEND, MENDConfig, make_editor
 from mend_jax.metrics import masked_nll
 from mend_jax.models import from_config, get_path
+from tests.conftest import optimised_xla
 from tests.test_capture import decoder_batch
 
 
 @pytest.fixture(scope="module")
 def model():
     cfg = transformers.GPT2Config(vocab_size=61, n_positions=16, n_embd=24, n_layer=3, n_head=3)
-    return from_config(cfg, seed=0)
+    with optimised_xla():  # the weights test_chunked_editor_equals_one_pass_... was measured on
+        return from_config(cfg, seed=0)
 
 
 def sgd_step(model, params, batch, names, lr):
@@ -325,6 +327,9 @@ def test_jit_edit_returns_the_edit_sharing_every_unchanged_leaf(model):
         assert (leaf is old[path]) == (path not in edited), path
 
 
+# Float32 rounding, amplified by the whitened solve, is the whole difference here: 5e-3 holds for
+# these weights and the optimised code's summation order (at -O0 the gradient is 1.1e-2 off)
+@pytest.mark.usefixtures("full_xla_optimizations")
 @pytest.mark.parametrize("opts", [dict(), dict(aggregate="lstsq", tokens="answer"),
                                   dict(aggregate="lstsq", whiten=True, init_log_lambda=3.0)])
 def test_chunked_editor_equals_one_pass_with_its_gradient(model, opts):

@@ -219,6 +219,7 @@ def test_mend_edit_of_a_classifier_is_measured_claim_by_claim(classifier):
     assert m["locality_kl"] > 1e-4
 
 
+@pytest.mark.slow  # a meta-training step and an evaluation compiled per method: about a minute
 @pytest.mark.parametrize("method, opts", [("ke", dict(hidden_dim=8, condition_dim=8)),
                                           ("enn", dict(edit_lr=3.0))])
 def test_ke_and_enn_edit_and_train_on_a_classifier(classifier, method, opts):

@@ -45,6 +45,8 @@ def worker_env(n_devices: int, **extra) -> dict:
                           "--xla_llvm_disable_expensive_passes=true", **extra)
 
 
+# one meta-training step compiled per mesh in a subprocess (about 40 s): every test that reads
+# its results is marked slow, so the default run deselects them and .ci/run runs them (-m slow)
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharding")
@@ -56,6 +58,7 @@ def sharded(tmp_path_factory):
     return results, arrays
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", MESHES)
 def test_sharded_metrics_match_single_device(sharded, mesh):
     results, _ = sharded
@@ -65,6 +68,7 @@ def test_sharded_metrics_match_single_device(sharded, mesh):
             np.testing.assert_allclose(got[k], want[k], rtol=RTOL, err_msg=f"{mesh} {k}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", MESHES)
 def test_sharded_editor_state_matches_single_device(sharded, mesh):
     _, arrays = sharded
@@ -75,6 +79,7 @@ def test_sharded_editor_state_matches_single_device(sharded, mesh):
         np.testing.assert_allclose(got[k], want[k], rtol=RTOL, atol=ATOL, err_msg=f"{mesh} {k}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", MESHES)
 def test_sharded_edit_matches_single_device(sharded, mesh):
     _, arrays = sharded
@@ -85,6 +90,7 @@ def test_sharded_edit_matches_single_device(sharded, mesh):
         np.testing.assert_allclose(got[k], want[k], rtol=RTOL, atol=1e-6, err_msg=f"{mesh} {k}")
 
 
+@pytest.mark.slow
 def test_model_axis_really_shards(sharded):
     results, _ = sharded
     for mesh, model_size in (("model8", 8), ("mixed2x4", 4)):
@@ -99,12 +105,14 @@ def test_model_axis_really_shards(sharded):
     assert data_only["kernel"]["shard_shape"] == data_only["kernel"]["shape"]
 
 
+@pytest.mark.slow
 def test_batch_split_over_data_axis(sharded):
     results, _ = sharded
     for mesh, data_size in (("data8", 8), ("model8", 1), ("mixed2x4", 2)):
         assert results[mesh]["layouts"]["batch"]["shard_shape"] == [8 // data_size, 6]
 
 
+@pytest.mark.slow
 def test_editor_state_replicated_or_sharded_by_its_rules(sharded):
     results, _ = sharded
     replicated = results["mixed2x4"]["layouts"]["editor_matrix"]
