@@ -327,15 +327,18 @@ def test_jit_edit_returns_the_edit_sharing_every_unchanged_leaf(model):
         assert (leaf is old[path]) == (path not in edited), path
 
 
-# Float32 rounding, amplified by the whitened solve, is the whole difference here: 5e-3 holds for
-# these weights and the optimised code's summation order (at -O0 the gradient is 1.1e-2 off)
-@pytest.mark.usefixtures("full_xla_optimizations")
 @pytest.mark.parametrize("opts", [dict(), dict(aggregate="lstsq", tokens="answer"),
                                   dict(aggregate="lstsq", whiten=True, init_log_lambda=3.0)])
-def test_chunked_editor_equals_one_pass_with_its_gradient(model, opts):
+def test_chunked_editor_equals_one_pass_with_its_gradient(model, opts, request):
     """chunk_tokens runs the editor over a few rows at a time (padding the last chunk): the
     updates and the editor's gradient equal the one-pass editor's."""
     from mend_jax.capture import capture
+
+    if opts.get("whiten"):
+        # Float32 rounding, amplified by the whitened solve, is the whole difference here: 5e-3
+        # holds for these weights and the optimised code's summation order (3.2e-3; 1.1e-2 at
+        # -O0), so this case compiles optimised
+        request.getfixturevalue("full_xla_optimizations")
 
     batch = decoder_batch(61, [7, 4, 9, 5, 6])  # 5 rows x 8 positions = 40 token rows
     one = MEND(model, config=MENDConfig(rank=8, **opts))
