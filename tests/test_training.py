@@ -47,7 +47,10 @@ def tiny_model_and_batch(n: int):
     return model, synthetic_batch(np.random.default_rng(0), logits, model.params, n)
 
 
-def test_meta_training_raises_held_out_edit_success():
+@functools.cache
+def meta_trained():
+    """A 2-layer GPT-2 and a MEND editor meta-trained on 200 single synthetic edits (built once
+    per process, shared by the tests that need a trained editor): (model, trainer, state)."""
     cfg = transformers.GPT2Config(vocab_size=V, n_positions=8, n_embd=32, n_layer=2, n_head=2,
                                   initializer_range=0.2)
     model = from_config(cfg, seed=0)
@@ -56,17 +59,23 @@ def test_meta_training_raises_held_out_edit_success():
                                               accumulate=1))
     logits = jax.jit(lambda p, ids: model.logits(p, ids))
     rng = np.random.default_rng(0)
+    state = trainer.init(jax.random.key(0))
+    step = jax.jit(trainer.step, donate_argnums=0)
+    for _ in range(200):
+        batch = synthetic_batch(rng, logits, model.params, 1, n_loc=8)
+        state, _ = step(state, model.params, batch)
+    return model, trainer, state
+
+
+def test_meta_training_raises_held_out_edit_success():
+    model, trainer, state = meta_trained()
+    logits = jax.jit(lambda p, ids: model.logits(p, ids))
     # 64 held-out single edits, each evaluated on its own (vmapped over the leading axis)
     held_out = synthetic_batch(np.random.default_rng(123), logits, model.params, 64)
     held_out = jax.tree.map(lambda x: x[:, None], held_out)
-    state = trainer.init(jax.random.key(0))
-    step = jax.jit(trainer.step, donate_argnums=0)
     evaluate = jax.jit(lambda s, p, b: jax.tree.map(
         jnp.mean, jax.vmap(trainer.eval_step, in_axes=(None, None, 0))(s, p, b)))
-    before = evaluate(state["editor"], model.params, held_out)
-    for _ in range(200):
-        batch = synthetic_batch(rng, logits, model.params, 1, n_loc=8)
-        state, metrics = step(state, model.params, batch)
+    before = evaluate(trainer.init(jax.random.key(0))["editor"], model.params, held_out)
     after = evaluate(state["editor"], model.params, held_out)
     assert float(before["edit_acc"]) < 0.2
     # measured: 0.016 -> 1.00, locality KL 0.0215 (README)
@@ -114,7 +123,7 @@ def test_gradient_accumulation_applies_the_mean_every_k_steps():
     model, batch = tiny_model_and_batch(2)
     trainer = MetaTrainer(MEND(model, config=MENDConfig(rank=8)),
                           TrainConfig(lr=1e-2, lr_lr=1e-2, accumulate=2))
-    step = jax.jit(trainer.step)
+    step = jax.jit(trainer.step, donate_argnums=0)
     state0 = trainer.init(jax.random.key(0))
     state1, _ = step(state0, model.params, batch)
     state2, _ = step(state1, model.params, batch)
@@ -165,7 +174,7 @@ def test_cosine_schedule_decays_the_editor_learning_rates_to_zero():
     trainer = MetaTrainer(MEND(model, config=MENDConfig(rank=8)),
                           TrainConfig(lr=1e-2, lr_lr=1e-2, accumulate=1, lr_schedule="cosine",
                                       decay_steps=2))
-    step = jax.jit(trainer.step)
+    step = jax.jit(trainer.step, donate_argnums=0)
     states = [trainer.init(jax.random.key(0))]
     for _ in range(3):
         states.append(step(states[-1], model.params, batch)[0])
@@ -223,3 +232,53 @@ def test_sampled_n_edits_batches():
             labelled = np.asarray((b[part]["labels"] != -100).any(-1))
             assert labelled.shape == (rows,) and labelled.sum() == k and labelled[:k].all()
         assert b["loc"]["input_ids"].shape[0] == 10
+
+
+def _word_tokenizer():
+    """A word tokenizer whose ids are the model's: "w04" .. "w39" are ids 4 .. 39 (after the
+    four special tokens), so text requests reach the token rows the editor was trained on."""
+    from mend_jax.data import build_word_tokenizer
+
+    tok = build_word_tokenizer([" ".join(f"w{i:02d}" for i in range(4, V))])
+    assert tok.convert_tokens_to_ids(["w04", "w39"]) == [4, 39]
+    return tok
+
+
+def test_a_trained_edit_continues_each_prompt_with_its_target_as_evaluation_scores_it():
+    """`mend_jax.edit` on text, then greedy generation: a prompt continues with its target
+    exactly when the evaluation (its own edit, teacher-forced argmax of every target token)
+    counts the request as edited."""
+    import mend_jax
+    from mend_jax.data import EditRequest
+    from mend_jax.evaluation import evaluate_editor
+
+    model, trainer, state = meta_trained()
+    editor, editor_state, tok = trainer.editor, state["editor"], _word_tokenizer()
+    rng = np.random.default_rng(7)
+
+    def words(n):
+        return " ".join(f"w{i:02d}" for i in rng.integers(4, V, n))
+
+    # held-out edits: one-token targets as in training, and two-token ones it never saw
+    requests = [EditRequest(prompt=words(P), target_new=words(1 + i % 2), target_true=None,
+                            rephrases=(), loc_prompt=words(P), loc_target=words(1))
+                for i in range(16)]
+    greedy = []
+    for r in requests:
+        new = mend_jax.edit(model, model.params, editor, editor_state, [r.prompt],
+                            [r.target_new], tokenizer=tok)
+        target = tok([r.target_new])["input_ids"][0]
+        prompt = jnp.asarray(tok([r.prompt])["input_ids"])
+        out = mend_jax.generate(model, new, prompt, max_new_tokens=len(target))
+        greedy.append(np.asarray(out)[0].tolist() == target)
+
+    def edit_success(rows):
+        return evaluate_editor(model, editor, editor_state, model.params, rows, tok,
+                               max_length=P + 2, seed=None, timed_edits=0)["edit_success"]
+
+    # measured: every one-token target lands, no two-token one (training never asked for it)
+    assert greedy == [True, False] * 8
+    hits = [r for r, ok in zip(requests, greedy) if ok]
+    misses = [r for r, ok in zip(requests, greedy) if not ok]
+    assert edit_success(hits) == 1.0
+    assert edit_success(misses) == 0.0
