@@ -41,31 +41,30 @@ def main(argv=None) -> None:
 
     platform_ = common.setup_jax(args.matmul_precision)
     cfg = load_config(args.override)
-    mcfg, dcfg, loop = cfg["model"], cfg["data"], cfg["alg"]["loop"]
-    bench = build_geonames_benchmark(seed=cfg["seed"], n_val=dcfg["n_val"],
-                                     n_test=dcfg["n_test"], n_train=dcfg.get("n_train"),
-                                     edit_forms=tuple(dcfg.get("edit_forms", ["statement"])))
-    tok_cfg = dict(mcfg["tokenizer"])
-    tokenizer = build_tokenizer(tok_cfg.pop("kind"), benchmark_texts(bench), **tok_cfg)
+    mcfg, dcfg, loop = cfg.model, cfg.data, cfg.alg.loop
+    bench = build_geonames_benchmark(seed=cfg.seed, n_val=dcfg.n_val, n_test=dcfg.n_test,
+                                     n_train=dcfg.n_train, edit_forms=dcfg.edit_forms)
+    tokenizer = build_tokenizer(mcfg.tokenizer.kind, benchmark_texts(bench),
+                                **mcfg.tokenizer.options())
     # the zsRE round trip of the pipeline is not needed for timing: the requests themselves
     with tempfile.TemporaryDirectory() as tmp:
         from mend_jax.data import load_requests, write_benchmark
 
         paths = write_benchmark(bench, tmp)
         train = load_requests(paths["train.zsre"], "zsre")
-    hf = transformers.GPT2Config(vocab_size=len(tokenizer), n_positions=mcfg["max_length"],
+    hf = transformers.GPT2Config(vocab_size=len(tokenizer), n_positions=mcfg.max_length,
                                  bos_token_id=tokenizer.bos_token_id,
                                  eos_token_id=tokenizer.eos_token_id,
-                                 pad_token_id=tokenizer.pad_token_id, **mcfg["build"])
+                                 pad_token_id=tokenizer.pad_token_id, **mcfg.build)
     model = from_config(hf, seed=0, tokenizer=tokenizer)
     editor = build_editor(cfg, model)
     trainer = MetaTrainer(editor, train_config(cfg))
     step = jax.jit(trainer.step, donate_argnums=0)
-    width = label_width(train, tokenizer, max_length=mcfg["max_length"], **model.pair_format)
-    batches = [batch_at(train, tokenizer, seed=cfg["seed"], step=i, batch_size=loop["batch_size"],
-                        n_edits=loop["n_edits"], n_edits_dist=loop["n_edits_dist"],
+    width = label_width(train, tokenizer, max_length=mcfg.max_length, **model.pair_format)
+    batches = [batch_at(train, tokenizer, seed=cfg.seed, step=i, batch_size=loop.batch_size,
+                        n_edits=loop.n_edits, n_edits_dist=loop.n_edits_dist,
                         loc_neighbors=loop.get("loc_neighbors", False),
-                        max_length=mcfg["max_length"], positions_width=width,
+                        max_length=mcfg.max_length, positions_width=width,
                         **model.pair_format)
                for i in range(args.steps + args.warmup)]
     full = [{k: ({kk: vv for kk, vv in v.items() if kk != POSITIONS}) for k, v in b.items()}
@@ -97,9 +96,9 @@ def main(argv=None) -> None:
                                          "first_call_s", "load1"])
     notes = [
         f"the default config{' with ' + ' '.join(args.override) if args.override else ''}: "
-        f"GPT-2 {mcfg['build']}, vocabulary {len(tokenizer)}, {mcfg['max_length']} tokens; "
-        f"`alg.loop` batch_size {loop['batch_size']}, n_edits {loop['n_edits']}; "
-        f"edit_on {cfg['alg']['train']['edit_on']}; random weights; device {platform_}.",
+        f"GPT-2 {mcfg.build}, vocabulary {len(tokenizer)}, {mcfg.max_length} tokens; "
+        f"`alg.loop` batch_size {loop.batch_size}, n_edits {loop.n_edits}; "
+        f"edit_on {cfg.alg.train.edit_on}; random weights; device {platform_}.",
         f"the two steps alternate on the same {args.steps} batches after {args.warmup} warm-up "
         f"steps each (first_call_s includes compilation); logit_positions width {widths} "
         "(the run's `loop.label_width`).",

@@ -48,7 +48,7 @@ def main(argv=None) -> None:
     prep = prepare(cfg, progress=False)
     model, tok = prep.model, prep.tokenizer
     names = inner_params(cfg, model)
-    length = cfg["model"]["max_length"]
+    length = cfg.model.max_length
     keys = ("input_ids", "attention_mask", "labels")
 
     # C = E[u uᵀ] per weight over the training split's fact sentences
@@ -106,7 +106,7 @@ def main(argv=None) -> None:
         rows.append(row)
     table = common.markdown_table(rows, ["k", "lr", "lam", "edit_success", "generality",
                                          "drawdown", "locality_kl", "neighborhood_acc"])
-    build = cfg["model"].get("build") or {}
+    build = cfg.model.build
     notes = [f"base model: the offline default's ({build}), its 6 edited MLP weights; C from "
              f"{count} tokens of the training split; test split ({len(prep.splits['test'])} "
              "requests), groups of k edited together from the base weights."]

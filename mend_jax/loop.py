@@ -23,6 +23,7 @@ from mend_jax.data import EditRequest, make_edit_batch
 from mend_jax.data.batching import target_lengths
 from mend_jax.metrics import IGNORE, POSITIONS, logit_positions
 from mend_jax.metrics import positions_width as widest
+from mend_jax.sharding import make_sharded_eval, make_sharded_step
 from mend_jax.training import MetaTrainer
 
 log = logging.getLogger(__name__)
@@ -149,10 +150,44 @@ def validate(trainer: MetaTrainer, eval_step, editor_state, model_params, reques
     return _mean(metrics)
 
 
+class ScalarLog:
+    """RUN/metrics.jsonl: one JSON object a line ({"step", "split", metric: value, ...}), next
+    to TensorBoard's event files, for tools that read text. "train" records carry the index
+    of the step just taken, "val" ones the number of steps taken. A run resumed from a
+    checkpoint after `resume_step` steps first drops the records of the steps it will redo."""
+
+    def __init__(self, path: Path, resume_step: int = 0):
+        self.path = path
+        if resume_step and path.exists():
+            def kept_record(r):
+                return r["step"] < resume_step or (r["split"] == "val" and
+                                                   r["step"] == resume_step)
+
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and kept_record(json.loads(line))]
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(f"{line}\n" for line in kept))
+            tmp.replace(path)
+        elif path.exists():
+            path.unlink()
+        self._file = path.open("a")
+
+    def write(self, split: str, step: int, metrics: dict) -> None:
+        self._file.write(json.dumps({"step": step, "split": split, **metrics}) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
 def train_editor(trainer: MetaTrainer, model_params, train_requests, val_requests, tokenizer, *,
                  run_dir: str | Path, cfg: LoopConfig, seed: int, max_length: int,
-                 resume: bool = False, progress: bool = True, meta: dict | None = None) -> dict:
-    """Meta-train until max_steps or early stopping; returns the summary (best step, val loss)."""
+                 resume: bool = False, progress: bool = True, meta: dict | None = None,
+                 mesh: jax.sharding.Mesh | None = None) -> dict:
+    """Meta-train until max_steps or early stopping; returns the summary (best step, val loss).
+
+    With a `mesh`, the step runs through `make_sharded_step` (batches over its "data" axis,
+    large weights over "model"); without one, on the default device."""
     run_dir = Path(run_dir)
     ckpt = Checkpoints(run_dir)
     state = trainer.init(jax.random.key(seed))
@@ -174,11 +209,17 @@ def train_editor(trainer: MetaTrainer, model_params, train_requests, val_request
     elif ckpt.latest_step() is not None:
         raise FileExistsError(f"{run_dir}: holds checkpoints already; pass --resume to continue "
                               "or choose another out_dir")
-    step_fn = jax.jit(trainer.step, donate_argnums=0)
-    eval_step = jax.jit(trainer.eval_step)
+    if mesh is None:
+        step_fn = jax.jit(trainer.step, donate_argnums=0)
+        eval_step = jax.jit(trainer.eval_step)
+    else:
+        step_fn, state, model_params = make_sharded_step(trainer, mesh, state, model_params)
+        eval_step = make_sharded_eval(trainer, mesh, state["editor"], model_params)
+        log.info("meta-training on a %s mesh of %s devices", dict(mesh.shape), mesh.size)
     from tensorboardX import SummaryWriter
 
     writer = SummaryWriter(str(run_dir / "tb"), purge_step=book["step"] or None)
+    scalars = ScalarLog(run_dir / "metrics.jsonl", book["step"])
     pair_format = trainer.model.pair_format
     width = label_width([*train_requests, *val_requests], tokenizer, max_length=max_length,
                         **pair_format)
@@ -201,6 +242,7 @@ def train_editor(trainer: MetaTrainer, model_params, train_requests, val_request
             m = {k: float(v) for k, v in metrics.items()}
             for k, v in m.items():
                 writer.add_scalar(f"train/{k}", v, step)
+            scalars.write("train", step, m)
             bar.set_postfix(loss=f"{m['loss']:.3f}", ES=f"{m['edit_acc']:.2f}",
                             kl=f"{m['locality_kl']:.3f}")
         done = step + 1 == cfg.max_steps
@@ -210,6 +252,7 @@ def train_editor(trainer: MetaTrainer, model_params, train_requests, val_request
                            positions_width=width)
             for k, v in val.items():
                 writer.add_scalar(f"val/{k}", v, step + 1)
+            scalars.write("val", step + 1, val)
             book["val_history"].append({"step": step + 1, **val})
             best = book["best_val"]
             if best is None or val[cfg.select_on] < best:
@@ -230,6 +273,7 @@ def train_editor(trainer: MetaTrainer, model_params, train_requests, val_request
             break
     bar.close()
     writer.close()
+    scalars.close()
     ckpt.close()
     book["n_skipped"] = int(state["n_skipped"])
     book["stopped_early"] = stopped_early

@@ -37,17 +37,16 @@ from mend_jax.data import (
 from mend_jax.editors import make_editor
 from mend_jax.errors import ConfigError
 from mend_jax.evaluation import evaluate_editor, evaluate_sequential, format_table
-from mend_jax.loop import LoopConfig, train_editor
+from mend_jax.loop import train_editor
 from mend_jax.models import Model, load_pretrained, save_pretrained
 from mend_jax.runs import run_lock, write_or_check_config
+from mend_jax.schema import DTYPES as DTYPE_NAMES
+from mend_jax.schema import METHODS, TRAINED, RunConfig
 from mend_jax.training import MetaTrainer, TrainConfig
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-# The meta-trained editors: a run trains the one its `alg.method` names (default mend).
-TRAINED = ("mend", "ke", "enn")
-METHODS = ("mend", "ke", "enn", "untrained", "ultraedit", "ft", "ft_l", "ft_kl")
+DTYPES = {name: getattr(jnp, name) for name in DTYPE_NAMES}
 
 
 @dataclass
@@ -64,37 +63,41 @@ def _dtype(name: str):
     return DTYPES[name]
 
 
-def prepare(cfg: dict, progress: bool | None = None) -> Prepared:
+def as_config(cfg: RunConfig | dict) -> RunConfig:
+    """The typed config (a plain mapping is checked against the schema)."""
+    return cfg if isinstance(cfg, RunConfig) else validate_config(cfg)
+
+
+def prepare(cfg: RunConfig | dict, progress: bool | None = None) -> Prepared:
     """Base model + tokenizer + train/val/test requests, as the config says."""
-    progress = cfg.get("progress", True) if progress is None else progress
-    mcfg, dcfg = cfg["model"], cfg["data"]
+    cfg = as_config(cfg)
+    progress = cfg.progress if progress is None else progress
+    mcfg, dcfg = cfg.model, cfg.data
     info: dict = {}
     bench = claims = None
-    if dcfg["format"] == "geonames":
-        bench = build_geonames_benchmark(
-            seed=cfg["seed"], n_val=dcfg["n_val"], n_test=dcfg["n_test"],
-            n_train=dcfg.get("n_train"),
-            edit_forms=tuple(dcfg.get("edit_forms", ["statement"])))
-        paths = write_benchmark(bench, Path(cfg["out_dir"]) / "data")
+    if dcfg.format == "geonames":
+        bench = build_geonames_benchmark(seed=cfg.seed, n_val=dcfg.n_val, n_test=dcfg.n_test,
+                                         n_train=dcfg.n_train, edit_forms=dcfg.edit_forms)
+        paths = write_benchmark(bench, Path(cfg.out_dir) / "data")
         # Read the splits back through the real zsRE loader: the default exercises the same path
         # a user's data file takes.
         splits = {s: load_requests(paths[f"{s}.zsre"], "zsre") for s in ("train", "val", "test")}
         info["data_files"] = {k: str(v) for k, v in paths.items()}
-    elif dcfg["format"] == "fever" and dcfg.get("train_path") is None:
+    elif dcfg.format == "fever" and dcfg.train_path is None:
         # The offline FEVER-style benchmark, read back through the FEVER loader.
-        claims = build_claims_benchmark(seed=cfg["seed"], n_val=dcfg["n_val"],
-                                        n_test=dcfg["n_test"], n_train=dcfg.get("n_train"))
-        paths = write_claims_benchmark(claims, Path(cfg["out_dir"]) / "data")
+        claims = build_claims_benchmark(seed=cfg.seed, n_val=dcfg.n_val, n_test=dcfg.n_test,
+                                        n_train=dcfg.n_train)
+        paths = write_claims_benchmark(claims, Path(cfg.out_dir) / "data")
         splits = {s: load_requests(paths[f"{s}.fever"], "fever")
                   for s in ("train", "val", "test")}
         info["data_files"] = {k: str(v) for k, v in paths.items()}
     else:
         splits = None  # wikitext targets come from the model, loaded below
-        if dcfg.get("format") != "wikitext":
-            splits = {s: load_requests(dcfg[f"{s}_path"], dcfg.get("format"),
-                                       loc_path=dcfg.get("loc_path"))
+        if dcfg.format != "wikitext":
+            splits = {s: load_requests(getattr(dcfg, f"{s}_path"), dcfg.format,
+                                       loc_path=dcfg.loc_path)
                       for s in ("train", "val", "test")}
-    if mcfg.get("name") is None:
+    if mcfg.name is None:
         if claims is not None:
             model, tokenizer = _built_classifier(cfg, claims, info, progress)
         elif bench is not None:
@@ -103,79 +106,81 @@ def prepare(cfg: dict, progress: bool | None = None) -> Prepared:
             raise ValueError("model.name is null (build a base model) but data is neither the "
                              "geonames benchmark nor the offline FEVER one: name a checkpoint "
                              "folder or hub name with model.name=...")
-        if cfg.get("dtype", "float32") != "float32":
+        if cfg.dtype != "float32":
             model = Model(model.arch, model.config, model.hf_config, model.module,
-                          jax.tree.map(lambda x: x.astype(_dtype(cfg["dtype"])), model.params),
-                          model.tokenizer, _dtype(cfg["dtype"]))
+                          jax.tree.map(lambda x: x.astype(_dtype(cfg.dtype)), model.params),
+                          model.tokenizer, _dtype(cfg.dtype))
     else:
-        model = load_pretrained(mcfg["name"], dtype=_dtype(cfg.get("dtype", "float32")))
+        model = load_pretrained(mcfg.name, dtype=_dtype(cfg.dtype))
         if model.targets == "token" and not model.seq2seq:
-            raise ValueError(f"model.name={mcfg['name']}: a {model.arch.name} masked LM; the "
+            raise ValueError(f"model.name={mcfg.name}: a {model.arch.name} masked LM; the "
                              "edit pipeline serves decoder-only and seq2seq language models and "
                              "sequence classifiers (with data.format=fever)")
         tokenizer = model.tokenizer
         if tokenizer is None:
-            raise ValueError(f"{mcfg['name']}: no tokenizer files next to the checkpoint")
+            raise ValueError(f"{mcfg.name}: no tokenizer files next to the checkpoint")
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
     if splits is None:
         splits = _wikitext_splits(cfg, model, tokenizer)
-    if cfg.get("remat"):
+    if cfg.remat:
         model = model.with_remat(True)
     info.update({k: len(v) for k, v in splits.items()})
     return Prepared(model, tokenizer, splits, info)
 
 
-def _built_base_model(cfg: dict, bench: dict, info: dict, progress: bool) -> tuple[Model, Any]:
+def _built_base_model(cfg: RunConfig, bench: dict, info: dict,
+                      progress: bool) -> tuple[Model, Any]:
     """The geonames default's GPT-2, taught the benchmark's facts (cached)."""
     from mend_jax.pretrain import cached_base_model
 
-    mcfg = cfg["model"]
+    mcfg = cfg.model
     _check_build(mcfg, "GPT2Config", "the geonames default builds a GPT-2 (model=geo_tiny)")
-    tok_cfg = dict(mcfg.get("tokenizer") or {"kind": "word"})
-    tokenizer = build_tokenizer(tok_cfg.pop("kind"), benchmark_texts(bench), **tok_cfg)
-    pre = dict(mcfg["pretrain"], max_length=mcfg["max_length"], seed=cfg["seed"])
-    model, acc = cached_base_model(cfg["cache_dir"], bench["facts"], tokenizer,
-                                   dict(mcfg["build"]), pre, progress=progress)
+    tokenizer = build_tokenizer(mcfg.tokenizer.kind, benchmark_texts(bench),
+                                **mcfg.tokenizer.options())
+    pre = dict(mcfg.pretrain.kwargs(), max_length=mcfg.max_length, seed=cfg.seed)
+    model, acc = cached_base_model(cfg.cache_dir, bench["facts"], tokenizer, dict(mcfg.build),
+                                   pre, progress=progress)
     info["base_fact_accuracy"] = acc
     return model, tokenizer
 
 
-def _built_classifier(cfg: dict, claims: dict, info: dict, progress: bool) -> tuple[Model, Any]:
+def _built_classifier(cfg: RunConfig, claims: dict, info: dict,
+                      progress: bool) -> tuple[Model, Any]:
     """The offline FEVER benchmark's BERT claim classifier, trained on its claims (cached)."""
     from mend_jax.pretrain_classifier import build_classifier_tokenizer, cached_classifier
 
-    mcfg = cfg["model"]
+    mcfg = cfg.model
     _check_build(mcfg, "BertConfig", "data=fever builds a BERT classifier (model=bert_tiny)")
-    tok_cfg = dict(mcfg.get("tokenizer") or {"kind": "bpe"})
-    tokenizer = build_classifier_tokenizer(tok_cfg.pop("kind"), claims_texts(claims), **tok_cfg)
-    pre = dict(mcfg["pretrain"], max_length=mcfg["max_length"], seed=cfg["seed"])
-    model, acc = cached_classifier(cfg["cache_dir"], claims["claims"], tokenizer,
-                                   dict(mcfg["build"]), pre, progress=progress)
+    tokenizer = build_classifier_tokenizer(mcfg.tokenizer.kind, claims_texts(claims),
+                                           **mcfg.tokenizer.options())
+    pre = dict(mcfg.pretrain.kwargs(), max_length=mcfg.max_length, seed=cfg.seed)
+    model, acc = cached_classifier(cfg.cache_dir, claims["claims"], tokenizer, dict(mcfg.build),
+                                   pre, progress=progress)
     info["base_claim_accuracy"] = acc
     return model, tokenizer
 
 
-def _check_build(mcfg: dict, config_class: str, what: str) -> None:
+def _check_build(mcfg, config_class: str, what: str) -> None:
     """model.build's keys must be fields of the transformers config it builds: the config
     classes accept unknown keywords silently, and a model of their default size would follow."""
     import transformers
 
     fields = getattr(transformers, config_class)().to_dict()
-    unknown = sorted(k for k in mcfg.get("build") or {} if k not in fields)
+    unknown = sorted(k for k in mcfg.build if k not in fields)
     if unknown:
         raise ConfigError(f"model.build: {unknown} are not {config_class} fields; {what}")
 
 
-def _wikitext_splits(cfg: dict, model: Model, tokenizer) -> dict[str, list[EditRequest]]:
+def _wikitext_splits(cfg: RunConfig, model: Model, tokenizer) -> dict[str, list[EditRequest]]:
     """Passage prefixes with targets sampled (greedily) from the base model, as in the paper."""
     import numpy as np
 
     from mend_jax.data import load_wikitext
     from mend_jax.models import generate
 
-    dcfg = cfg["data"]
-    n_new = dcfg.get("target_tokens", 10)
+    dcfg = cfg.data
+    n_new = dcfg.target_tokens
 
     def generate_fn(prompts: list[list[int]]) -> list[list[int]]:
         width = max(len(p) for p in prompts)
@@ -186,35 +191,43 @@ def _wikitext_splits(cfg: dict, model: Model, tokenizer) -> dict[str, list[EditR
         out = generate(model, model.params, ids, n_new, attention_mask=mask)
         return np.asarray(out).tolist()
 
-    return {s: load_wikitext(dcfg[f"{s}_path"], generate_fn, tokenizer,
-                             prefix_tokens=dcfg.get("prefix_tokens", 48), target_tokens=n_new,
-                             seed=cfg["seed"], n=dcfg.get(f"n_{s}"))
+    return {s: load_wikitext(getattr(dcfg, f"{s}_path"), generate_fn, tokenizer,
+                             prefix_tokens=dcfg.prefix_tokens, target_tokens=n_new,
+                             seed=cfg.seed, n=getattr(dcfg, f"n_{s}"))
             for s in ("train", "val", "test")}
 
 
-def inner_params(cfg: dict, model: Model) -> list[str]:
-    return cfg["model"].get("inner_params") or model.default_inner_params()
+def inner_params(cfg: RunConfig, model: Model) -> list[str]:
+    return list(cfg.model.inner_params or model.default_inner_params())
 
 
-def train_config(cfg: dict) -> TrainConfig:
-    """The alg.train section; a cosine schedule decays over the loop's max_steps by default."""
-    tcfg = dict(cfg["alg"]["train"])
-    if tcfg.get("lr_schedule") == "cosine" and not tcfg.get("decay_steps"):
-        tcfg["decay_steps"] = -(-cfg["alg"]["loop"]["max_steps"] // tcfg.get("accumulate", 1))
-    return TrainConfig(**tcfg)
+def train_config(cfg: RunConfig) -> TrainConfig:
+    """The alg.train section (a cosine schedule's decay_steps filled in from alg.loop)."""
+    return as_config(cfg).alg.train
 
 
-def alg_method(cfg: dict) -> str:
-    """The meta-trained editor of a config: `alg.method` (configs written before it: mend)."""
-    return cfg.get("alg", {}).get("method", "mend")
+def alg_method(cfg: RunConfig) -> str:
+    """The meta-trained editor of a config: `alg.method` (default mend)."""
+    return as_config(cfg).alg.method
 
 
-def build_editor(cfg: dict, model: Model):
+def build_editor(cfg: RunConfig | dict, model: Model):
     """The editor `alg.method` names (MEND, KE or ENN), built from `alg.editor`."""
-    return make_editor(alg_method(cfg), model, inner_params(cfg, model), **cfg["alg"]["editor"])
+    cfg = as_config(cfg)
+    return make_editor(cfg.alg.method, model, inner_params(cfg, model), config=cfg.alg.editor)
 
 
-def evaluate_all(cfg: dict, prep: Prepared, mend, editor_state: dict, *,
+def training_mesh(cfg: RunConfig) -> jax.sharding.Mesh:
+    """The ("data", "model") mesh `cfg.mesh` asks for, over this process's devices."""
+    from mend_jax.sharding import make_mesh
+
+    try:
+        return make_mesh(cfg.mesh.data, cfg.mesh.model)
+    except ValueError as e:
+        raise ConfigError(f"mesh.data={cfg.mesh.data}, mesh.model={cfg.mesh.model}: {e}") from None
+
+
+def evaluate_all(cfg: RunConfig | dict, prep: Prepared, mend, editor_state: dict, *,
                  methods=None, requests=None, n_edits: int | None = None,
                  progress: bool = False, sequential: int | None = None) -> dict:
     """Held-out metrics of every method on the same requests; with `sequential` = T, T batches
@@ -223,13 +236,14 @@ def evaluate_all(cfg: dict, prep: Prepared, mend, editor_state: dict, *,
     `mend` is the run's trained editor (MEND, KE or ENN, as `alg.method` says); it is reported
     under its method's name, and the entry "mend" of `methods` (the default list's) stands for
     it whichever it is. "untrained" is a freshly initialised editor of the same kind."""
-    ecfg = cfg["eval"]
-    trained = alg_method(cfg)
-    methods = list(methods or ecfg["methods"])
-    requests = list(requests if requests is not None else prep.splits[ecfg["split"]])
-    if ecfg.get("max_examples"):
-        requests = requests[: ecfg["max_examples"]]
-    n_edits = n_edits or ecfg["n_edits"]
+    cfg = as_config(cfg)
+    ecfg = cfg.eval
+    trained = cfg.alg.method
+    methods = list(methods or ecfg.methods)
+    requests = list(requests if requests is not None else prep.splits[ecfg.split])
+    if ecfg.max_examples:
+        requests = requests[: ecfg.max_examples]
+    n_edits = n_edits or ecfg.n_edits
     model, names = prep.model, inner_params(cfg, prep.model)
     results = {}
     for method in methods:
@@ -243,28 +257,28 @@ def evaluate_all(cfg: dict, prep: Prepared, mend, editor_state: dict, *,
                          trained, trained)
             method, editor, state = trained, mend, editor_state
         elif method == "untrained":
-            editor, state = mend, mend.init(jax.random.key(cfg["seed"]))
+            editor, state = mend, mend.init(jax.random.key(cfg.seed))
         else:
-            opts = dict(cfg["alg"].get("baselines", {}).get(method, {}))
-            editor = make_editor(method, model, names, **opts)
+            editor = make_editor(method, model, names, config=cfg.alg.baselines.get(method))
             state = editor.init(None)
         t = time.time()
         if sequential:
             results[method] = evaluate_sequential(
                 model, editor, state, model.params, requests, prep.tokenizer, n_edits=n_edits,
-                n_batches=sequential, max_length=cfg["model"]["max_length"], seed=cfg["seed"])
+                n_batches=sequential, max_length=cfg.model.max_length, seed=cfg.seed)
         else:
             results[method] = evaluate_editor(
                 model, editor, state, model.params, requests, prep.tokenizer, n_edits=n_edits,
-                max_length=cfg["model"]["max_length"], seed=cfg["seed"], progress=progress,
-                perplexity=cfg["data"]["format"] == "wikitext")
+                max_length=cfg.model.max_length, seed=cfg.seed, progress=progress,
+                perplexity=cfg.data.format == "wikitext")
         log.info("%s evaluated in %.1fs", method, time.time() - t)
     return results
 
 
-def train(cfg: dict, *, resume: bool = False) -> tuple[Path, dict]:
+def train(cfg: RunConfig | dict, *, resume: bool = False) -> tuple[Path, dict]:
     """Meta-train the configured editor, then evaluate all methods; writes results.json."""
-    run_dir = Path(cfg["out_dir"])
+    cfg = as_config(cfg)
+    run_dir = Path(cfg.out_dir)
     if not resume and (run_dir / "checkpoints").exists():
         # Never overwrite a finished or interrupted run: a fresh run goes next to it.
         n = 1
@@ -272,30 +286,29 @@ def train(cfg: dict, *, resume: bool = False) -> tuple[Path, dict]:
             n += 1
         run_dir = run_dir.parent / f"{run_dir.name}-{n}"
         log.warning("%s holds a run already (use --resume to continue it); writing to %s",
-                    cfg["out_dir"], run_dir)
-        cfg = dict(cfg, out_dir=str(run_dir))
+                    cfg.out_dir, run_dir)
+        cfg = cfg.replace(out_dir=str(run_dir))
     with run_lock(run_dir):
         write_or_check_config(run_dir, cfg, resume)
         return _train(cfg, run_dir, resume)
 
 
-def _train(cfg: dict, run_dir: Path, resume: bool) -> tuple[Path, dict]:
+def _train(cfg: RunConfig, run_dir: Path, resume: bool) -> tuple[Path, dict]:
     t0 = time.time()
     prep = prepare(cfg)
     t_prep = time.time() - t0
     mend = build_editor(cfg, prep.model)
-    loop_cfg = LoopConfig(**cfg["alg"]["loop"])
-    trainer = MetaTrainer(mend, train_config(cfg))
+    trainer = MetaTrainer(mend, cfg.alg.train)
     summary = train_editor(trainer, prep.model.params, prep.splits["train"], prep.splits["val"],
-                           prep.tokenizer, run_dir=run_dir, cfg=loop_cfg, seed=cfg["seed"],
-                           max_length=cfg["model"]["max_length"], resume=resume,
-                           progress=cfg.get("progress", True))
+                           prep.tokenizer, run_dir=run_dir, cfg=cfg.alg.loop, seed=cfg.seed,
+                           max_length=cfg.model.max_length, resume=resume,
+                           progress=cfg.progress, mesh=training_mesh(cfg))
     editor_state, _ = load_best_editor(run_dir, mend.init(jax.random.key(0)))
     t1 = time.time()
-    results = evaluate_all(cfg, prep, mend, editor_state, progress=cfg.get("progress", True))
+    results = evaluate_all(cfg, prep, mend, editor_state, progress=cfg.progress)
     out = {
         **results,
-        "_run": {"split": cfg["eval"]["split"], "info": prep.info,
+        "_run": {"split": cfg.eval.split, "info": prep.info,
                  "best_step": summary["best_step"],
                  "steps": summary["step"], "n_skipped": summary["n_skipped"],
                  "prepare_time_s": t_prep, "train_time_s": summary["train_time_s"],
@@ -303,11 +316,11 @@ def _train(cfg: dict, run_dir: Path, resume: bool) -> tuple[Path, dict]:
     }
     write_results(run_dir / "results.json", out)
     # What a user keeps: the best editor as an artifact, and a model built here next to it.
-    base = cfg["model"].get("name")
+    base = cfg.model.name
     if base is None:
         base = str(save_pretrained(prep.model, None, run_dir / "base_model"))
     save_editor(run_dir / "editor", mend, editor_state, base_model=base,
-                max_length=cfg["model"]["max_length"])
+                max_length=cfg.model.max_length)
     return run_dir, out
 
 
@@ -331,17 +344,16 @@ def strict_json(value: Any) -> Any:
     return value
 
 
-def load_run(run_dir: str | Path, overrides: dict | None = None) -> tuple[dict, Prepared, Any,
-                                                                          dict]:
-    """(config, prepared model/data, editor, best editor state) of a trained run."""
+def load_run(run_dir: str | Path, overrides: dict | None = None) -> tuple[RunConfig, Prepared,
+                                                                          Any, dict]:
+    """(config, prepared model/data, editor, best editor state) of a trained run; `overrides`
+    are dotted keys (`{"eval.split": "val"}`)."""
     run_dir = Path(run_dir)
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.exists():
         raise FileNotFoundError(f"{run_dir}: no config.yaml (is this a train.py output folder?)")
     cfg = validate_config(yaml.safe_load(cfg_file.read_text()))
-    cfg["out_dir"] = str(run_dir)
-    for k, v in (overrides or {}).items():
-        cfg[k] = v
+    cfg = cfg.replace(out_dir=str(run_dir), **(overrides or {}))
     prep = prepare(cfg, progress=False)
     mend = build_editor(cfg, prep.model)
     state, _ = load_best_editor(run_dir, mend.init(jax.random.key(0)))

@@ -19,6 +19,7 @@ import yaml
 
 from mend_jax.config import dump_config
 from mend_jax.errors import ConfigError, RunError
+from mend_jax.schema import RunConfig
 
 CONFIG_FILE = "config.yaml"
 LOCK_FILE = ".lock"
@@ -68,12 +69,13 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     return diffs
 
 
-def write_or_check_config(run_dir: str | Path, cfg: dict, resume: bool) -> None:
+def write_or_check_config(run_dir: str | Path, cfg: RunConfig, resume: bool) -> None:
     """Write config.yaml when the run is created; on resume, refuse a different config."""
     path = Path(run_dir) / CONFIG_FILE
     if resume and path.exists():
         saved = yaml.safe_load(path.read_text()) or {}
-        diffs = config_differences(saved, cfg)
+        # Both through the schema: keys a saved file leaves out compare as their defaults.
+        diffs = config_differences(RunConfig.from_dict(saved).to_dict(), cfg.to_dict())
         if diffs:
             raise ConfigError(f"--resume: the config differs from the run's {path} in "
                               f"{'; '.join(diffs)} (resume with the run's settings)")

@@ -31,8 +31,7 @@ JAX call, then build the mesh over all global devices and use the functions belo
     import jax
     jax.distributed.initialize()      # on Slurm, Open MPI, Cloud TPU, Kubernetes: auto-detected
     mesh = make_mesh(data=-1, model=jax.local_device_count())   # model axis within a host
-    # `example`: a batch of the GLOBAL shape (only shapes are read from it)
-    step, state, params = make_sharded_step(trainer, mesh, state, model.params, example)
+    step, state, params = make_sharded_step(trainer, mesh, state, model.params)
     for local_batch in loader:        # each host loads only its own slice of the global batch
         state, metrics = step(state, params, shard_batch(mesh, local_batch))
 
@@ -231,25 +230,54 @@ def shard_batch(mesh: Mesh, batch):
 
 
 # ----------------------------------------------------------------------------- jitted entry points
-def make_sharded_step(trainer, mesh: Mesh, state: dict, model_params: dict, batch: dict, *,
-                      rules: Rules = DEFAULT_RULES, state_rules: Rules = REPLICATED,
+def _per_layout_jit(fn, mesh: Mesh, leading: tuple, out_shardings, donate: tuple):
+    """`fn(*leading, batch)` jitted with fixed shardings for the leading arguments and the
+    batch's own: each batch layout (leading sizes the data axis divides or not) compiles once,
+    so batches whose row counts change (k edits drawn per step) keep working."""
+    compiled = {}
+
+    def call(*args):
+        *rest, batch = args
+        batch_sh = batch_sharding(mesh, batch)
+        key = (jax.tree.structure(batch_sh), tuple(jax.tree.leaves(batch_sh)))
+        if key not in compiled:
+            compiled[key] = jax.jit(fn, in_shardings=(*leading, batch_sh),
+                                    out_shardings=out_shardings, donate_argnums=donate)
+        return compiled[key](*rest, batch)
+
+    return call
+
+
+def make_sharded_step(trainer, mesh: Mesh, state: dict, model_params: dict,
+                      batch: dict | None = None, *, rules: Rules = DEFAULT_RULES,
+                      state_rules: Rules = REPLICATED,
                       donate: bool = True) -> tuple[Callable, dict, dict]:
     """(step, placed_state, placed_params): `trainer.step` jitted for the mesh.
 
-    `batch` is an example: later batches must have the same structure and leading sizes (other
-    sizes may change, e.g. sequence length). Host batches are placed by jit itself on one
-    host; place them with `shard_batch` on several. Metrics come back replicated.
+    Each batch's leading axis goes over "data" where the axis divides it (else the leaf is
+    replicated); a new batch layout compiles anew (`batch`, an example, is no longer needed).
+    Host batches are placed by jit itself on one host; place them with `shard_batch` on
+    several. Metrics come back replicated.
     The placed state is donated to each call unless `donate=False` (it may share buffers with
     `state` when that already has the right layout).
     """
+    del batch
     state_sh = tree_shardings(mesh, state, state_rules)
     params_sh = param_shardings(mesh, model_params, rules)
-    batch_sh = batch_sharding(mesh, batch)
     replicated = NamedSharding(mesh, P())    # a pytree prefix: every metric replicated
-    step = jax.jit(trainer.step, in_shardings=(state_sh, params_sh, batch_sh),
-                   out_shardings=(state_sh, replicated),
-                   donate_argnums=(0,) if donate else ())
+    step = _per_layout_jit(trainer.step, mesh, (state_sh, params_sh), (state_sh, replicated),
+                           (0,) if donate else ())
     return step, jax.device_put(state, state_sh), jax.device_put(model_params, params_sh)
+
+
+def make_sharded_eval(trainer, mesh: Mesh, editor_state: dict, model_params: dict, *,
+                      rules: Rules = DEFAULT_RULES,
+                      state_rules: Rules = REPLICATED) -> Callable:
+    """`trainer.eval_step(editor_state, params, batch)` jitted for the mesh (metrics
+    replicated); the arguments must be placed as `make_sharded_step` placed them."""
+    leading = (tree_shardings(mesh, editor_state, state_rules),
+               param_shardings(mesh, model_params, rules))
+    return _per_layout_jit(trainer.eval_step, mesh, leading, NamedSharding(mesh, P()), ())
 
 
 def make_sharded_edit(editor, mesh: Mesh, editor_state: dict, model_params: dict,

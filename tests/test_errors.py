@@ -63,8 +63,18 @@ def test_shipped_configs_validate(overrides):
     ("+alg.baselines.fft={steps: 1}", "alg.baselines.fft: unknown method"),
     ("+alg.loop.max_step=3", "alg.loop.max_step: unknown key; closest: ['max_steps']"),
     ("dtype=float64", "dtype='float64': expected one of"),
-    ("eval.split=dev", "eval.split='dev': expected train, val or test"),
+    ("eval.split=dev", "eval.split='dev': expected one of train, val, test"),
     ("seed=0.5", "seed=0.5: expected an integer"),
+    ("mesh.data=0", "mesh: data=0, model=1: sizes must be positive"),
+    ("mesh.model=two", "mesh.model='two': expected an integer"),
+    ("model.max_length=1", "model.max_length=1: must be >= 2"),
+    ("model.pretrain.stepz=3", "model.pretrain.stepz: unknown key; closest: ['steps']"),
+    ("model.tokenizer.kind=wordpiece", "model.tokenizer.kind='wordpiece': expected one of bpe"),
+    ("data.edit_forms=[statment]", "data: edit_forms must be a non-empty list of"),
+    ("data.n_val=ten", "data.n_val='ten': expected an integer or null"),
+    ("alg.baselines.ft_l.linf=wide", "alg.baselines.ft_l.linf='wide': expected a number or null"),
+    ("+mesh.pipeline=2", "mesh.pipeline: unknown key; closest"),
+    ("+evals.split=val", "evals: unknown key; closest: ['eval']"),
 ])
 def test_bad_values_are_refused_naming_the_key(override, message):
     with pytest.raises(ConfigError) as e:
@@ -72,8 +82,12 @@ def test_bad_values_are_refused_naming_the_key(override, message):
     assert message in str(e.value)
 
 
-def test_validation_skips_sections_a_config_leaves_out():
-    assert validate_config({"seed": 1}) == {"seed": 1}
+def test_sections_a_config_leaves_out_take_the_schema_defaults():
+    from mend_jax.schema import RunConfig
+
+    cfg = validate_config({"seed": 1})
+    assert cfg == RunConfig(seed=1) and cfg.alg.train.lr == 1e-6 and cfg.mesh.data == -1
+    assert validate_config(cfg.to_dict()) == cfg
 
 
 # ----------------------------------------------------------------------------- CLIs

@@ -238,12 +238,12 @@ def test_configs_build_their_editors_and_bad_keys_are_named(model):
 
     for alg, cls in (("ke", KE), ("enn", ENN)):
         cfg = load_config([f"alg={alg}"])
-        assert cfg["alg"]["method"] == alg
-        cfg["model"]["inner_params"] = INNER
+        assert cfg.alg.method == alg
+        cfg = cfg.replace(**{"model.inner_params": INNER})
         assert type(build_editor(cfg, model)) is cls
-    assert build_editor(load_config(["alg=ke"]) | {"model": {"inner_params": INNER}},
+    assert build_editor(load_config(["alg=ke"]).replace(**{"model.inner_params": INNER}),
                         model).config == KEConfig(hidden_dim=512, condition_dim=768)
-    with pytest.raises(ConfigError, match=r"alg\.editor\.rank': no key 'rank' under alg\.editor"):
+    with pytest.raises(ConfigError, match=r"alg\.editor\.rank: unknown key; closest"):
         load_config(["alg=ke", "alg.editor.rank=4"])
     with pytest.raises(ConfigError, match=r"alg\.editor\.n_edit_steps=0: must be >= 1"):
         load_config(["alg=enn", "alg.editor.n_edit_steps=0"])
@@ -263,7 +263,7 @@ def test_evaluate_all_reports_the_trained_editor_under_its_own_name(model, monke
 
     monkeypatch.setattr(pipeline, "evaluate_editor", fake_evaluate_editor)
     cfg = load_config(["alg=ke", "alg.editor.hidden_dim=8", "alg.editor.condition_dim=8"])
-    cfg["model"]["inner_params"] = INNER
+    cfg = cfg.replace(**{"model.inner_params": INNER})
     editor = pipeline.build_editor(cfg, model)
     trained = {"params": "trained", "stats": {}}
     prep = pipeline.Prepared(model, None, {"test": REQUESTS}, {})

@@ -42,11 +42,11 @@ def load_source(p: argparse.ArgumentParser, args: argparse.Namespace):
         from mend_jax.pipeline import load_run
 
         cfg, prep, mend, state = load_run(args.run_dir)
-        base = cfg["model"].get("name")
+        base = cfg.model.name
         if base is None and (Path(args.run_dir) / "base_model").is_dir():
             base = str(Path(args.run_dir) / "base_model")
         return cfg, prep, Loaded(prep.model, prep.tokenizer, mend, state,
-                                 cfg["model"]["max_length"], base, args.run_dir)
+                                 cfg.model.max_length, base, args.run_dir)
     meta = read_editor_config(args.editor)
     name = args.model or meta["base_model"].get("name_or_path")
     if not name:
@@ -59,3 +59,14 @@ def load_source(p: argparse.ArgumentParser, args: argparse.Namespace):
     editor, state = load_editor(args.editor, model)
     return None, None, Loaded(model, model.tokenizer, editor, state, meta.get("max_length"),
                               name, args.editor)
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count or a length: an integer >= 1 (0 would mean "the default")."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value

@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 
 from mend_jax.artifacts import editor_kind
-from mend_jax.cli.common import add_source_args, load_source
+from mend_jax.cli.common import add_source_args, load_source, positive_int
 from mend_jax.data import load_requests
 from mend_jax.editors import make_editor
 from mend_jax.errors import cli_main
@@ -65,18 +65,19 @@ def main(argv=None) -> int:
 def run(argv) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add_source_args(p)
-    p.add_argument("--split", default=None, help="train/val/test of the run's data")
+    p.add_argument("--split", default=None, choices=("train", "val", "test"),
+                   help="the run's data split to evaluate")
     p.add_argument("--data", default=None, help="evaluate on this file instead of a split")
     p.add_argument("--format", default=None, help="format of --data (sniffed when omitted)")
-    p.add_argument("--n-edits", type=int, nargs="+", default=None,
+    p.add_argument("--n-edits", type=positive_int, nargs="+", default=None,
                    help="simultaneous edits per edit call (several values: one table each)")
     p.add_argument("--methods", nargs="+", default=None, choices=METHODS,
                    help="mend untrained ultraedit ft ft_l ft_kl (with --editor: default mend)")
-    p.add_argument("--sequential", type=int, default=None, metavar="T",
+    p.add_argument("--sequential", type=positive_int, default=None, metavar="T",
                    help="lifelong editing: T batches of --n-edits edits, each applied to the "
                         "model the previous one produced; reports what is retained at the end")
-    p.add_argument("--max-examples", type=int, default=None)
-    p.add_argument("--max-length", type=int, default=None,
+    p.add_argument("--max-examples", type=positive_int, default=None)
+    p.add_argument("--max-length", type=positive_int, default=None,
                    help="with --editor: token length of a row (default: the editor's)")
     p.add_argument("--plot", action="store_true", help="PNG of metrics vs number of edits")
     p.add_argument("--out", default=None,
@@ -86,17 +87,21 @@ def run(argv) -> int:
     args = p.parse_args(argv)
     if args.editor and not args.data:
         p.error("--editor needs --data (a run folder has its own splits)")
+    if args.out and Path(args.out).is_dir():
+        p.error(f"--out {args.out} is a folder; expected a .json file to write")
+    if args.out:  # before the evaluation, not after it: a bad --out fails at once
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     cfg, prep, src = load_source(p, args)
     requests = load_requests(args.data, args.format) if args.data else None
     if cfg is not None:
         if args.split:
-            cfg["eval"]["split"] = args.split
+            cfg = cfg.replace(**{"eval.split": args.split})
         if args.max_examples:
-            cfg["eval"]["max_examples"] = args.max_examples
+            cfg = cfg.replace(**{"eval.max_examples": args.max_examples})
     elif args.max_examples:
         requests = requests[: args.max_examples]
     by_n = {}
-    for k in args.n_edits or [cfg["eval"]["n_edits"] if cfg else 1]:
+    for k in args.n_edits or [cfg.eval.n_edits if cfg else 1]:
         if cfg is not None:
             by_n[k] = evaluate_all(cfg, prep, src.editor, src.state, methods=args.methods,
                                    requests=requests, n_edits=k, sequential=args.sequential)
@@ -104,7 +109,7 @@ def run(argv) -> int:
             by_n[k] = _evaluate_editor_folder(src, requests, args.methods or ["mend"], k,
                                               args.max_length or src.max_length or 64,
                                               sequential=args.sequential)
-        where = args.data or cfg["eval"]["split"]
+        where = args.data or cfg.eval.split
         if args.sequential:
             print(f"\n{args.sequential} sequential batches of {k} edit(s), {where}; "
                   "every edit re-measured on the final model:")

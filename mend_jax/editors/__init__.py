@@ -12,27 +12,29 @@ from mend_jax.editors.mend import MEND, MENDConfig
 from mend_jax.editors.ultraedit import UltraEdit, UltraEditConfig
 
 __all__ = ["ENN", "KE", "MEND", "ENNConfig", "FTConfig", "FineTune", "KEConfig", "MENDConfig",
-           "UltraEdit", "UltraEditConfig", "make_editor"]
+           "UltraEdit", "UltraEditConfig", "editor_config", "make_editor"]
 
 
-def make_editor(name: str, model, inner_params=None, **options):
+_CLASSES = {"mend": (MEND, MENDConfig), "ke": (KE, KEConfig), "enn": (ENN, ENNConfig),
+            "ultraedit": (UltraEdit, UltraEditConfig), "ft": (FineTune, FTConfig),
+            "ft_l": (FineTune, FTConfig), "ft_kl": (FineTune, FTConfig)}
+# What makes FT+L and FT+KL differ from FT when their options leave it out.
+_METHOD_DEFAULTS = {"ft_l": {"linf": 5e-4}, "ft_kl": {"c_loc": 1.0}}
+
+
+def editor_config(name: str, **options):
+    """The config dataclass of editor `name` (MENDConfig, FTConfig, ...) built from `options`."""
+    if name not in _CLASSES:
+        raise ValueError(f"unknown editor {name!r}; choose mend, ke, enn, ultraedit, ft, ft_l or "
+                         "ft_kl")
+    return _CLASSES[name][1](**{**_METHOD_DEFAULTS.get(name, {}), **options})
+
+
+def make_editor(name: str, model, inner_params=None, config=None, **options):
     """Build an editor by name: "mend", "ke", "enn" (meta-trained), "ultraedit" (training-free),
-    "ft", "ft_l" (L∞-bounded), "ft_kl"."""
-    if name == "mend":
-        return MEND(model, inner_params, MENDConfig(**options))
-    if name == "ke":
-        return KE(model, inner_params, KEConfig(**options))
-    if name == "enn":
-        return ENN(model, inner_params, ENNConfig(**options))
-    if name == "ultraedit":
-        return UltraEdit(model, inner_params, UltraEditConfig(**options))
-    if name == "ft":
-        return FineTune(model, inner_params, FTConfig(**options))
-    if name == "ft_l":
-        options.setdefault("linf", 5e-4)
-        return FineTune(model, inner_params, FTConfig(**options))
-    if name == "ft_kl":
-        options.setdefault("c_loc", 1.0)
-        return FineTune(model, inner_params, FTConfig(**options))
-    raise ValueError(f"unknown editor {name!r}; choose mend, ke, enn, ultraedit, ft, ft_l or "
-                     "ft_kl")
+    "ft", "ft_l" (L∞-bounded), "ft_kl"; from its `config` dataclass or from `options`."""
+    if config is None:
+        config = editor_config(name, **options)
+    elif options:
+        raise TypeError("make_editor: pass a config or options, not both")
+    return _CLASSES[name][0](model, inner_params, config)
