@@ -29,11 +29,11 @@ def main(argv=None) -> None:
 
     platform_ = common.setup_jax(args.matmul_precision)
 
-    from mend_jax.capture import capture, model_inputs
+    from mend_jax.capture import capture
     from mend_jax.editing import jit_edit
     from mend_jax.editors import MEND, MENDConfig
     from mend_jax.metrics import masked_nll
-    from mend_jax.models import from_config, get_path, set_path
+    from mend_jax.models import from_config, get_path, model_inputs, set_path
 
     seq = args.seq or 16
     cfg = common.hf_config(args.model, args.small)

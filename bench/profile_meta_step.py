@@ -41,10 +41,10 @@ def main(argv=None) -> None:
 
     platform_ = common.setup_jax(args.matmul_precision)
 
-    from mend_jax.capture import capture, labelled_logits, model_inputs
+    from mend_jax.capture import capture, labelled_logits
     from mend_jax.editors import MEND, MENDConfig
     from mend_jax.metrics import loc_mask, locality_kl, masked_nll
-    from mend_jax.models import from_config, get_path
+    from mend_jax.models import from_config, get_path, model_inputs
     from mend_jax.training import MetaTrainer, TrainConfig
 
     cfg = common.hf_config(args.model, args.small)

@@ -20,6 +20,7 @@ from jaxtyping import Array, Float
 
 from mend_jax.metrics import IGNORE, logit_view, masked_nll
 from mend_jax.models.common import Linear, head_at
+from mend_jax.models.model import model_inputs
 from mend_jax.models.names import ParamName
 
 INPUTS = "layer_inputs"
@@ -53,12 +54,6 @@ def _interceptor(module_paths: frozenset[tuple[str, ...]]):
         return module.perturb(OUTPUT_GRADS, next_fun(*args, **kwargs))
 
     return intercept
-
-
-def model_inputs(batch: Mapping[str, jax.Array]) -> tuple:
-    """Positional model inputs of a tokenised batch (decoder inputs are None for decoder-only)."""
-    return (batch["input_ids"], batch.get("attention_mask"), batch.get("decoder_input_ids"),
-            batch.get("decoder_attention_mask"))
 
 
 def labelled_logits(model, params, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:

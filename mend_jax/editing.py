@@ -8,11 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mend_jax.capture import model_inputs
 from mend_jax.data import tokenize_pairs
 from mend_jax.errors import EditError
 from mend_jax.metrics import sequence_nll
-from mend_jax.models import generate
+from mend_jax.models import generate, model_inputs
 from mend_jax.models.generation import _max_positions
 from mend_jax.models.names import get_path, set_path
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mend_jax.capture import labelled_logits, model_inputs
+from mend_jax.capture import labelled_logits
 from mend_jax.data.batching import tokenize_pairs
 from mend_jax.data.request import EditRequest
 from mend_jax.editing import check_edit_batch, jit_edit
@@ -34,6 +34,7 @@ from mend_jax.metrics import (
     sequence_correct,
     token_log_probs,
 )
+from mend_jax.models import model_inputs
 
 METRIC_KEYS = (
     "edit_success", "generality", "drawdown", "locality_kl", "loc_acc_pre", "loc_acc_post",

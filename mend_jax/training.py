@@ -17,11 +17,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mend_jax.capture import labelled_logits, model_inputs
+from mend_jax.capture import labelled_logits
 from mend_jax.editors.enn import ENN
 from mend_jax.editors.ke import KE
 from mend_jax.editors.mend import MEND
 from mend_jax.metrics import labelled, loc_mask, locality_kl, masked_nll, sequence_correct
+from mend_jax.models import model_inputs
 
 
 @dataclass(frozen=True)

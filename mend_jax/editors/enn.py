@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from mend_jax.capture import model_inputs
 from mend_jax.editing import check_edit_batch
 from mend_jax.editors.mend import EditorLayout, make_layout
 from mend_jax.metrics import masked_nll
+from mend_jax.models import model_inputs
 from mend_jax.models.names import get_path, set_path
 
 

@@ -14,9 +14,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mend_jax.capture import labelled_logits, model_inputs
+from mend_jax.capture import labelled_logits
 from mend_jax.editing import check_edit_batch
 from mend_jax.metrics import loc_mask, locality_kl, masked_nll
+from mend_jax.models import model_inputs
 from mend_jax.models.names import get_path, set_path
 
 

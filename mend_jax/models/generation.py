@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Int
 
-from mend_jax.models.hf_io import Model
+from mend_jax.models.model import Model
 
 
 def generate(
