@@ -9,6 +9,8 @@ Everything a user is meant to call:
   `make_editor`
 - training: `MetaTrainer`, `TrainConfig` (the pure, jit-able meta-training step)
 - evaluation: `evaluate_editor`, `format_table`
+- the whole job: `load_config` -> `RunConfig` (the typed schema, `mend_jax.schema`), then
+  `mend_jax.pipeline` (`prepare`, `train`, `evaluate_all`, `load_run`)
 - data: `mend_jax.data` (loaders, the offline geonames benchmarks, batching)
 - scale: `mend_jax.sharding` (mesh and partition rules), `mend_jax.checkpoint`
 - errors: `MendError` and one subclass per layer (`ConfigError`, `DataError`, `CheckpointError`,
@@ -18,6 +20,7 @@ Everything a user is meant to call:
 from mend_jax.api import EditInputError, edit, evaluate_edit
 from mend_jax.artifacts import ArtifactError, load_editor, save_editor
 from mend_jax.capture import Captured, capture
+from mend_jax.config import load_config
 from mend_jax.editors import (
     ENN,
     KE,
@@ -46,6 +49,7 @@ from mend_jax.models import (
     save_pretrained,
     supported_model_types,
 )
+from mend_jax.schema import RunConfig
 from mend_jax.training import MetaTrainer, TrainConfig
 
 __all__ = [
@@ -67,6 +71,7 @@ __all__ = [
     "MendError",
     "MetaTrainer",
     "Model",
+    "RunConfig",
     "RunError",
     "TrainConfig",
     "capture",
@@ -76,6 +81,7 @@ __all__ = [
     "format_table",
     "from_config",
     "generate",
+    "load_config",
     "load_editor",
     "load_pretrained",
     "make_editor",
