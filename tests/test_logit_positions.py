@@ -167,17 +167,17 @@ def test_a_run_uses_one_positions_width_that_fits_every_target():
                         (f"What is the capital of {w}?",), "The capital of Oslo is", "Oslo")
             for i, w in enumerate(words)]
     labels = tokenize_pairs(tok, [r.prompt for r in reqs], [r.target_new for r in reqs],
-                            seq2seq=False, max_length=24)["labels"]
-    lengths = target_lengths(tok, [r.target_new for r in reqs], 24)
+                            seq2seq=False, max_length=40)["labels"]
+    lengths = target_lengths(tok, [r.target_new for r in reqs], 40)
     assert lengths == list((labels != IGNORE).sum(1))
     assert max(lengths) > 4  # the long names span several tokens
-    width = label_width(reqs, tok, max_length=24, seq2seq=False)
+    width = label_width(reqs, tok, max_length=40, seq2seq=False)
     assert width == max(lengths)
-    assert label_width(reqs, tok, max_length=24, seq2seq=True) is None
+    assert label_width(reqs, tok, max_length=40, seq2seq=True) is None
     shapes = set()
     for step in range(6):  # one short target per batch: the batch's own width would be smaller
         b = batch_at(reqs, tok, seed=0, step=step, batch_size=2, n_edits=1, seq2seq=False,
-                     max_length=24, positions_width=width)
+                     max_length=40, positions_width=width)
         for part in ("edit_inner", "edit_outer"):
             pos = np.asarray(b[part][POSITIONS])
             lab = np.asarray(b[part]["labels"])

@@ -6,7 +6,13 @@ into the fixed-shape numpy batches (`edit_inner`, `edit_outer`, `loc`, `neighbor
 training and evaluation steps consume.
 """
 
-from mend_jax.data.batching import IGNORE, batch_iterator, make_edit_batch, tokenize_pairs
+from mend_jax.data.batching import (
+    IGNORE,
+    batch_iterator,
+    check_requests,
+    make_edit_batch,
+    tokenize_pairs,
+)
 from mend_jax.data.counterfact import load_counterfact
 from mend_jax.data.fever import load_fever
 from mend_jax.data.geonames import RELATIONS, build_geonames_benchmark
@@ -41,6 +47,7 @@ __all__ = [
     "build_geonames_benchmark",
     "build_tokenizer",
     "build_word_tokenizer",
+    "check_requests",
     "claims_texts",
     "load_counterfact",
     "load_facts",

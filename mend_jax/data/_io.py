@@ -56,8 +56,13 @@ def read_records(source: Any) -> Iterator[tuple[Where, dict[str, Any]]]:
         yield from _rows(_load_columnar(path), str(path))
         return
     if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
+        raise DataError(f"{path}: " + ("a folder; expected a data file" if path.is_dir()
+                                       else "no such file"))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x}); "
+                        "json and jsonl data files must be UTF-8") from None
     if _is_jsonl(path, text):
         index = 0
         for lineno, line in enumerate(text.splitlines(), start=1):

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from mend_jax.data.request import EditRequest
+from mend_jax.data.request import DataError, EditRequest
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +224,91 @@ def _log_truncation(truncated: np.ndarray, max_length: int) -> None:
         )
 
 
+def _request_rows(r: EditRequest) -> list[tuple[str, str, str, str]]:
+    """(prompt field, prompt, target field, target) of every row a request can be batched as."""
+    rows = [("prompt", r.prompt, "target_new", r.target_new)]
+    rows += [(f"rephrases[{j}]", p, "target_new", r.target_new)
+             for j, p in enumerate(r.rephrases)]
+    rows.append(("loc_prompt", r.loc_prompt, "loc_target", r.loc_target))
+    rows += [(f"neighborhood[{j}]", p, f"neighborhood[{j}]", t)
+             for j, (p, t) in enumerate(r.neighborhood)]
+    return rows
+
+
+def check_requests(
+    requests: Sequence[EditRequest],
+    tokenizer: Any,
+    *,
+    seq2seq: bool,
+    max_length: int,
+    max_target_length: int | None = None,
+    append_eos: bool = False,
+    decoder_start_token_id: int | None = None,
+    label2id: Mapping[str, int] | None = None,
+) -> None:
+    """Refuse requests that `make_edit_batch` could only batch wrongly, before any training:
+    an empty prompt or target, a target that encodes to no tokens or to the tokenizer's unknown
+    token (an edit toward `<unk>`), a row longer than `max_length` (its prompt would lose its
+    start, the subject of the fact). Every row is checked: prompt, rephrases, locality and
+    neighbourhood pairs. Takes `make_edit_batch`'s arguments (`**model.pair_format` included).
+
+    Raises:
+      DataError naming the file and record (the request's `source`; its index when it was
+      built in memory), the field and the problem of the first bad request, and how many
+      requests are bad in all.
+    """
+    del decoder_start_token_id  # accepted so that `**model.pair_format` can be passed
+    owner, rows = [], []
+    for i, r in enumerate(requests):
+        for row in _request_rows(r):
+            owner.append(i)
+            rows.append(row)
+    if not rows:
+        return
+    unk = getattr(tokenizer, "unk_token_id", None)
+    prompt_ids = _ids(tokenizer, [p for _, p, _, _ in rows], True)
+    if label2id is None:
+        target_ids = _ids(tokenizer, [t if seq2seq else " " + t for _, _, _, t in rows], False)
+    limit_t = (max_target_length or max_length) if seq2seq else None
+    extra = int(append_eos) if not seq2seq else int(tokenizer.eos_token_id is not None)
+    bad: dict[int, str] = {}
+    for k, (pf, prompt, tf, target) in enumerate(rows):
+        i = owner[k]
+        if i in bad:
+            continue
+        problem = None
+        if not prompt.strip():
+            problem = f"{pf} is empty"
+        elif not target.strip():
+            problem = f"{tf} is empty"
+        elif label2id is not None:
+            if target not in label2id:
+                problem = (f"{tf} {target!r} is not one of the classifier's labels "
+                           f"{sorted(label2id)}")
+            elif len(prompt_ids[k]) > max_length:
+                problem = (f"{pf} is {len(prompt_ids[k])} tokens, over max_length={max_length}")
+        elif not target_ids[k]:
+            problem = f"{tf} {target!r} encodes to no tokens"
+        elif unk is not None and unk in target_ids[k]:
+            problem = (f"{tf} {target!r} encodes to the tokenizer's unknown token "
+                       f"{tokenizer.unk_token!r} (a word outside its vocabulary)")
+        elif seq2seq and len(prompt_ids[k]) > max_length:
+            problem = f"{pf} is {len(prompt_ids[k])} tokens, over max_length={max_length}"
+        elif seq2seq and len(target_ids[k]) + extra > limit_t:
+            problem = (f"{tf} {target!r} is {len(target_ids[k]) + extra} tokens with eos, over "
+                       f"the target length {limit_t}")
+        elif not seq2seq and len(prompt_ids[k]) + len(target_ids[k]) + extra > max_length:
+            problem = (f"{pf} + {tf} are {len(prompt_ids[k]) + len(target_ids[k]) + extra} "
+                       f"tokens, over max_length={max_length} (the prompt would lose its start)")
+        if problem is not None:
+            bad[i] = problem
+    if bad:
+        i = min(bad)
+        where = requests[i].source or f"request {i} (0-based, built in memory)"
+        more = f" ({len(bad) - 1} more bad requests)" if len(bad) > 1 else ""
+        raise DataError(f"{where}: {bad[i]}{more}")
+
+
 def make_edit_batch(
     tokenizer: Any,
     requests: Sequence[EditRequest],
@@ -250,6 +335,7 @@ def make_edit_batch(
     hardest cases, other subjects that share the edited fact's true object. A float in (0, 1)
     replaces each such row with that probability (drawn with `rng`); True is 1.0.
     `decoder_start_token_id` and `label2id` go to `tokenize_pairs` (see `Model.pair_format`).
+    Requests that would be batched wrongly (`check_requests`) raise a DataError naming them.
     """
     frac = float(loc_neighbors)
     if not 0.0 <= frac <= 1.0:
@@ -266,6 +352,7 @@ def make_edit_batch(
         "decoder_start_token_id": decoder_start_token_id,
         "label2id": label2id,
     }
+    check_requests(requests, tokenizer, **kw)
     outer = [
         r.rephrases[rng.integers(len(r.rephrases))] if r.rephrases else r.prompt for r in edits
     ]
@@ -313,6 +400,8 @@ def batch_iterator(
     """
     if batch_size > len(requests):
         raise ValueError(f"batch_size={batch_size} exceeds the {len(requests)} requests")
+    check_requests(requests, tokenizer, seq2seq=seq2seq, max_length=max_length,
+                   max_target_length=max_target_length, label2id=label2id)
     rng = np.random.default_rng(seed)
     epoch = 0
     while epochs is None or epoch < epochs:

@@ -64,6 +64,7 @@ def load_counterfact(path: str | Path) -> list[EditRequest]:
                 neighborhood=neighborhood,
                 portability=tuple(_portability(rec.get("portability"))),
                 subject=subject,
+                source=str(where),
             )
         )
     if not out:

@@ -56,13 +56,13 @@ def load_fever(path: str | Path) -> list[EditRequest]:
     skipped = 0
     for where, rec in read_records(path):
         if "claim" in rec:
-            rows.append(_json_row(rec, where))
+            rows.append({**_json_row(rec, where), "source": str(where)})
         elif "input" in rec:
             row = _mend_row(rec, where)
             if row is None:
                 skipped += 1
             else:
-                rows.append(row)
+                rows.append({**row, "source": str(where)})
         else:
             raise DataError(f"{where}: neither a FEVER json record (claim, label, rephrase, "
                             f"loc_claim, loc_label) nor a MEND FEVER record (input, prediction, "
@@ -89,6 +89,7 @@ def load_fever(path: str | Path) -> list[EditRequest]:
             loc_prompt=loc[0],
             loc_target=loc[1],
             subject=r.get("subject"),
+            source=r["source"],
         ))
     return out
 

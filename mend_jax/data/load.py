@@ -48,6 +48,10 @@ def load_requests(
         return load_fever(path)
     if fmt == "geonames":
         file = path / f"{split}.counterfact.json" if path.is_dir() else path
+        if path.is_dir() and not file.is_file():
+            raise DataError(f"{path}: a folder without {file.name}; expected a data file "
+                            "(.json, .jsonl, .parquet, .arrow) or a benchmark folder written "
+                            "by write_benchmark")
         return load_counterfact(file) if path.is_dir() else load_requests(file)
     raise DataError(f"{path}: unknown format {fmt!r}; expected one of {FORMATS}")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mend_jax.errors import DataError  # noqa: F401  (re-exported: defined with the others)
 
@@ -24,6 +24,9 @@ class EditRequest:
     # The surface form of each rephrase (e.g. "statement", "question"), parallel to `rephrases`;
     # empty when unknown. Evaluation reports generality per form when it is given.
     rephrase_forms: tuple[str, ...] = ()
+    # Where the request was read ("train.json: record 3 (0-based)"), for errors that name it;
+    # None for a request built in memory. Not part of the request's value.
+    source: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if self.rephrase_forms and len(self.rephrase_forms) != len(self.rephrases):

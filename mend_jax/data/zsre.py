@@ -107,6 +107,7 @@ def load_zsre_mend(path: str | Path, loc_path: str | Path | None = None) -> list
             loc_prompt=locs[i % len(locs)][0],
             loc_target=locs[i % len(locs)][1],
             subject=r["subject"],
+            source=str(r["where"]),
         )
         for i, r in enumerate(rows)
     ]
@@ -160,8 +161,11 @@ def load_zsre_easyedit(path: str | Path) -> list[EditRequest]:
                 neighborhood=neighborhood,
                 portability=tuple(_portability(rec.get("portability"))),
                 subject=subject.strip() if isinstance(subject, str) and subject.strip() else None,
+                source=str(where),
             )
         )
+    if not out:
+        raise DataError(f"{path}: no records")
     return out
 
 
