@@ -103,6 +103,10 @@ def unflatten_state(flat: Mapping[str, np.ndarray], like: Any, source: str) -> A
         if got.shape != want.shape:
             raise ArtifactError(f"{source}: tensor {key} has shape {got.shape}, the config "
                                 f"gives {want.shape}")
+        if np.issubdtype(got.dtype, np.inexact) and not np.isfinite(got).all():
+            bad = int(np.size(got) - np.isfinite(got).sum())
+            raise ArtifactError(f"{source}: tensor {key} holds NaN or inf ({bad} of "
+                                f"{np.size(got)} values); every edit would be NaN")
         leaves.append(jax.numpy.asarray(got, dtype=want.dtype))
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
@@ -147,6 +151,7 @@ def save_editor(path: str | os.PathLike, editor: MEND | KE | ENN, editor_state: 
       max_length: the token length the editor was trained with (the CLIs' default).
     """
     kind = editor_kind(editor)
+    _check_destination(Path(path))
     model, layout = editor.model, editor.layout
     meta = {
         "format": FORMAT,
@@ -161,12 +166,63 @@ def save_editor(path: str | os.PathLike, editor: MEND | KE | ENN, editor_state: 
         "max_length": max_length,
     }
     tensors = flatten_state(editor_state)
+    # The state must load back: the same tensors, shapes and finite values as the editor's.
+    unflatten_state(tensors, jax.eval_shape(editor.init, jax.random.key(0)),
+                    f"save_editor({path}): editor_state")
 
     def write(folder: Path) -> None:
         save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": FORMAT})
         (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
     return _write_atomically(Path(path), write)
+
+
+def _check_destination(path: Path) -> None:
+    """save_editor replaces its folder whole: refuse a file, or a folder holding anything but
+    an editor (a run folder given by mistake would be deleted)."""
+    if path.is_file():
+        raise ArtifactError(f"save_editor: {path} is a file; expected a folder to write the "
+                            "editor into")
+    if path.is_dir():
+        others = sorted(p.name for p in path.iterdir() if p.name not in (CONFIG_FILE, WEIGHTS_FILE))
+        if others:
+            raise ArtifactError(f"save_editor: {path} holds other files ({others[:3]}); it would "
+                                "be replaced whole, so give a new or an editor folder")
+
+
+def _check_meta(meta: dict, file: Path) -> None:
+    """The fields of editor.json that loading reads, with their types."""
+    for field, kind in (("config", dict), ("inner_params", list), ("base_model", dict)):
+        if field not in meta:
+            raise ArtifactError(f"{file}: no field {field!r}")
+        if not isinstance(meta[field], kind):
+            raise ArtifactError(f"{file}: field {field} is {type(meta[field]).__name__}, "
+                                f"expected {'an object' if kind is dict else 'a list'}")
+    for key in ("model_type", "config_sha256"):
+        if not isinstance(meta["base_model"].get(key), str):
+            raise ArtifactError(f"{file}: field base_model.{key} is missing or not a string")
+    if not isinstance(meta["base_model"].get("weights_sha256", {}), dict):
+        raise ArtifactError(f"{file}: field base_model.weights_sha256 is not an object")
+    for i, entry in enumerate(meta["inner_params"]):
+        ok = (isinstance(entry, dict) and isinstance(entry.get("name"), str)
+              and isinstance(entry.get("shape"), list)
+              and all(isinstance(d, int) for d in entry["shape"]))
+        if not ok:
+            raise ArtifactError(f"{file}: field inner_params[{i}] is {entry!r}, expected "
+                                '{"name": weight name, "shape": [int, ...]}')
+
+
+def _config_types(config_cls, values: dict, source: str) -> None:
+    """Each config value of the type of its field's default (an int passes for a float)."""
+    for f in dataclasses.fields(config_cls):
+        if f.name not in values or f.default is None or f.default is dataclasses.MISSING:
+            continue
+        value, want = values[f.name], type(f.default)
+        ok = (isinstance(value, want) and (want is bool or not isinstance(value, bool))
+              or want is float and isinstance(value, int) and not isinstance(value, bool))
+        if not ok:
+            raise ArtifactError(f"{source}: field config.{f.name} is {value!r}, expected "
+                                f"{want.__name__}")
 
 
 def read_editor_config(path: str | os.PathLike) -> dict:
@@ -178,15 +234,15 @@ def read_editor_config(path: str | os.PathLike) -> dict:
         meta = json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{file}: invalid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{file}: expected a JSON object, got {type(meta).__name__}")
     if meta.get("format") != FORMAT:
         raise ArtifactError(f"{file}: field format is {meta.get('format')!r}, "
                             f"expected {FORMAT!r}")
     if meta.get("version") != VERSION:
         raise ArtifactError(f"{file}: field version is {meta.get('version')!r}; this mend-jax "
                             f"reads version {VERSION}")
-    for field in ("config", "inner_params", "base_model"):
-        if field not in meta:
-            raise ArtifactError(f"{file}: no field {field!r}")
+    _check_meta(meta, file)
     return meta
 
 
@@ -232,11 +288,12 @@ def load_editor(path: str | os.PathLike, model: Model) -> tuple[MEND | KE | ENN,
         raise ArtifactError(f"{source}: field editor is {kind!r}, expected one of "
                             f"{list(EDITORS)}")
     cls, config_cls = EDITORS[kind]
+    _config_types(config_cls, meta["config"], source)
     try:
         config = config_cls(**meta["config"])
+        editor = cls(model, [e["name"] for e in meta["inner_params"]], config)
     except (TypeError, ValueError) as e:
         raise ArtifactError(f"{source}: field config: {e}") from None
-    editor = cls(model, [e["name"] for e in meta["inner_params"]], config)
     weights = path / WEIGHTS_FILE
     if not weights.exists():
         raise ArtifactError(f"{weights}: missing")

@@ -103,6 +103,8 @@ def load_pretrained(name_or_path: str | os.PathLike, dtype=jnp.float32,
         raw = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{config_file}: invalid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{config_file}: expected a JSON object, got {type(raw).__name__}")
     model_type = raw.get("model_type")
     if model_type not in supported_model_types():
         what = "no model_type" if model_type is None else f"unsupported model_type {model_type!r}"
@@ -191,6 +193,8 @@ def save_pretrained(model: Model, params: dict | None, out_dir: str | os.PathLik
     """Write config.json + model.safetensors (+ tokenizer) in Hugging Face layout, atomically."""
     params = model.params if params is None else params
     out = Path(out_dir)
+    if out.is_file():
+        raise CheckpointError(f"{out} is a file; expected a folder to write the model into")
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for n in model.names.names:
