@@ -19,6 +19,7 @@ from mend_jax.editing import compiled_on, jit_edit
 from mend_jax.errors import EditError
 from mend_jax.evaluation import _paired_stats, _post_stats
 from mend_jax.models import Model
+from mend_jax.models.generation import _max_positions
 
 # One prompt's rephrasings: a string, a list of strings, or None (none for this prompt).
 Rephrases = Sequence[str | Sequence[str] | None]
@@ -29,6 +30,23 @@ _MODEL_KEYS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_atte
 
 class EditInputError(EditError):
     """Prompts and targets that cannot be edited or measured as given."""
+
+
+def _shapes(tree) -> dict[str, tuple]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path, simple=True, separator="/"):
+            tuple(getattr(x, "shape", ())) for path, x in leaves}
+
+
+def _check_tree(what: str, tree, like, expected: str) -> None:
+    """`tree` has the leaves of `like` (same paths, same shapes), or an EditInputError."""
+    got, want = _shapes(tree), _shapes(like)
+    missing = [k for k in want if k not in got]
+    wrong = [f"{k} has shape {got[k]}, expected {want[k]}" for k in want
+             if k in got and got[k] != want[k]]
+    if missing or wrong:
+        detail = f"missing {missing[:2]}" if missing else wrong[0]
+        raise EditInputError(f"{what}: not {expected} ({detail})")
 
 
 def _tokenizer(model: Model, tokenizer):
@@ -79,19 +97,66 @@ def _rephrase_lists(rephrases: Rephrases | None, n: int) -> list[list[str]]:
     if isinstance(rephrases, str) or len(rephrases) != n:
         got = "a string" if isinstance(rephrases, str) else f"{len(rephrases)} entries"
         raise EditInputError(f"rephrases: expected one entry per prompt ({n}), got {got}")
-    return [[] if r is None else [r] if isinstance(r, str) else list(r) for r in rephrases]
+    out = []
+    for i, r in enumerate(rephrases):
+        r = [] if r is None else [r] if isinstance(r, str) else r
+        if not isinstance(r, (list, tuple)) or not all(isinstance(x, str) for x in r):
+            raise EditInputError(f"rephrases[{i}]: expected a string, a list of strings or "
+                                 f"None, got {rephrases[i]!r}")
+        if any(not x.strip() for x in r):
+            raise EditInputError(f"rephrases[{i}]: an empty rephrase ({rephrases[i]!r})")
+        out.append(list(r))
+    return out
+
+
+def _pair_lengths(tokenizer, prompts, targets, seq2seq: bool,
+                  classify: bool = False) -> tuple[list[int], list[int] | None]:
+    """Per pair: (row length, target length) as `tokenize_pairs` lays them out: a decoder-only
+    row is prompt + target; a seq2seq row the prompt, its target + eos; a classifier's row
+    the prompt (its target is a class, not tokens: None)."""
+    p = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]
+    if classify:
+        return p, None
+    t = [len(_target_ids(tokenizer, x, seq2seq)) for x in targets]
+    if seq2seq:
+        return p, [n + 1 for n in t]  # tokenize_pairs appends eos to seq2seq targets
+    return [a + b for a, b in zip(p, t)], None
 
 
 def _fit_lengths(tokenizer, prompts, targets, seq2seq: bool,
                  classify: bool = False) -> tuple[int, int | None]:
     """(max_length, max_target_length) that truncate none of the pairs."""
-    p = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]
-    if classify:
-        return max(p), None  # the target is a class, not tokens
-    t = [len(_target_ids(tokenizer, x, seq2seq)) for x in targets]
-    if seq2seq:
-        return max(p), max(t) + 1  # tokenize_pairs appends eos to seq2seq targets
-    return max(a + b for a, b in zip(p, t)), None
+    rows, tgt = _pair_lengths(tokenizer, prompts, targets, seq2seq, classify)
+    return max(rows), (max(tgt) if tgt is not None else None)
+
+
+def _check_lengths(model: Model, tokenizer, prompts, targets, max_length: int | None,
+                   what: str) -> None:
+    """Every pair fits `max_length` (none loses tokens) and the model's positions."""
+    fmt = model.pair_format
+    if max_length is not None and (isinstance(max_length, bool)
+                                   or not isinstance(max_length, int) or max_length < 2):
+        raise EditInputError(f"max_length={max_length!r}: expected an integer >= 2")
+    limit = _max_positions(model.hf_config)
+    if max_length is not None and limit is not None and max_length > limit:
+        raise EditInputError(f"max_length={max_length}: over the model's {limit} positions")
+    rows, tgt = _pair_lengths(tokenizer, prompts, targets, model.seq2seq,
+                              classify=fmt["label2id"] is not None)
+    row = "" if model.seq2seq or fmt["label2id"] is not None else " with its target"
+    for i, n in enumerate(rows):
+        if limit is not None and n > limit:
+            raise EditInputError(f"{what}: prompt {i} ({_short(prompts[i])}) is {n} tokens"
+                                 f"{row}; the model has {limit} positions")
+        if max_length is not None and n > max_length:
+            raise EditInputError(f"{what}: prompt {i} ({_short(prompts[i])}) is {n} tokens"
+                                 f"{row}, over max_length={max_length}")
+        if tgt is not None and max_length is not None and tgt[i] > max_length:
+            raise EditInputError(f"{what}: target {i} ({_short(targets[i])}) is {tgt[i]} "
+                                 f"tokens with eos, over max_length={max_length}")
+
+
+def _short(text: str, n: int = 40) -> str:
+    return repr(text if len(text) <= n else text[: n - 3] + "...")
 
 
 def _batch(model: Model, tokenizer, prompts, targets, max_length: int | None, what: str) -> dict:
@@ -101,6 +166,7 @@ def _batch(model: Model, tokenizer, prompts, targets, max_length: int | None, wh
                              "with a batch of its own (input_ids, attention_mask, labels)")
     fmt = model.pair_format
     _check_pairs(tokenizer, prompts, targets, model.seq2seq, what, fmt["label2id"])
+    _check_lengths(model, tokenizer, prompts, targets, max_length, what)
     target_length = None
     if max_length is None:
         max_length, target_length = _fit_lengths(tokenizer, prompts, targets, model.seq2seq,
@@ -140,10 +206,18 @@ def edit(
     Returns:
       The edited parameters (a new pytree; only the edited weights are new arrays).
     Raises:
-      EditInputError (a ValueError) for mismatched lengths, empty prompts or targets, or a
-      target that encodes to the tokenizer's unknown token.
+      EditInputError (a ValueError) for mismatched lengths, empty prompts or targets, a
+      target that encodes to the tokenizer's unknown token, a pair longer than `max_length` or
+      the model's positions, or `params` / `editor_state` that are not the model's / editor's.
     """
     tokenizer = _tokenizer(model, tokenizer)
+    if isinstance(prompts, str) or isinstance(targets, str):
+        raise EditInputError("edit: pass lists of strings, not a single string")
+    _check_tree("params", params, model.params, "the model's parameters")
+    if hasattr(editor, "layout") and hasattr(editor, "init"):  # MEND, KE, ENN
+        like = compiled_on(editor, ("api_state_shape",),
+                           lambda: jax.eval_shape(editor.init, jax.random.key(0)))
+        _check_tree("editor_state", editor_state, like, "a state of this editor")
     extra = _rephrase_lists(rephrases, len(prompts))
     rows_p = list(prompts) + [r for rs in extra for r in rs]
     rows_t = list(targets) + [t for t, rs in zip(targets, extra) for _ in rs]
@@ -222,6 +296,10 @@ def evaluate_edit(
 
     if portability:
         pairs = list(portability)
+        for i, pair in enumerate(pairs):
+            if isinstance(pair, str) or not isinstance(pair, Sequence) or len(pair) != 2:
+                raise EditInputError(f"portability[{i}]: expected a (prompt, target) pair, got "
+                                     f"{pair!r}")
         batch = _batch(model, tokenizer, [p for p, _ in pairs], [t for _, t in pairs], **kw,
                        what="portability")
         out["portability"] = float(_post_accuracy(model, new_params, batch).mean())

@@ -172,21 +172,36 @@ def _generate(model, params, tokenizer, prompts: Sequence[str], max_new_tokens: 
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in np.asarray(out)]
 
 
+def _untruncated(batch: dict, rows: Sequence[str], max_length: int) -> dict:
+    """The batch on the device, or an EditError naming the first row that did not fit: an edit
+    of a prompt cut to its last tokens is an edit of another prompt."""
+    cut = np.flatnonzero(batch["truncated"])
+    if cut.size:
+        raise EditError(f"{rows[cut[0]]} is longer than max_length={max_length} tokens with the "
+                        "target (raise max_length, at most the model's positions)")
+    return {k: jnp.asarray(v) for k, v in batch.items() if k != "truncated"}
+
+
 def edit_report(model, tokenizer, editor, editor_state, prompt: str, target: str, *,
                 rephrases: Sequence[str] = (), neighbors: Sequence[str] = (), max_length: int,
                 max_new_tokens: int = 6) -> tuple[dict, dict]:
     """Edit prompt -> target; return (report rows, edited params). For a classifier, `target`
     is a label name and a row's before/after is the label it predicts."""
-    batch = {k: jnp.asarray(v) for k, v in tokenize_pairs(
-        tokenizer, [prompt], [target], **model.pair_format, max_length=max_length).items()
-        if k != "truncated"}
+    texts = [("prompt", prompt), ("target", target),
+             *((f"rephrase {i}", r) for i, r in enumerate(rephrases)),
+             *((f"neighbor {i}", n) for i, n in enumerate(neighbors))]
+    for what, text in texts:
+        if not isinstance(text, str) or not text.strip():
+            raise EditError(f"{what} is empty ({text!r})")
+    batch = _untruncated(tokenize_pairs(tokenizer, [prompt], [target], **model.pair_format,
+                                        max_length=max_length), ["prompt"], max_length)
     check_edit_batch(model, batch)
     new_params = jit_edit(editor)(editor_state, model.params, batch)
     prompts = [prompt, *rephrases, *neighbors]
     kinds = ["edit"] + ["rephrase"] * len(rephrases) + ["neighbor"] * len(neighbors)
-    probe = {k: jnp.asarray(v) for k, v in tokenize_pairs(
-        tokenizer, prompts, [target] * len(prompts), **model.pair_format,
-        max_length=max_length).items() if k != "truncated"}
+    probe = _untruncated(tokenize_pairs(tokenizer, prompts, [target] * len(prompts),
+                                        **model.pair_format, max_length=max_length),
+                         [w for w, _ in texts if w != "target"], max_length)
     check_edit_batch(model, probe)
     p_before = _target_prob(model, model.params, probe)
     p_after = _target_prob(model, new_params, probe)

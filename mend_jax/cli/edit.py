@@ -14,7 +14,7 @@ import logging
 
 from mend_jax.api import evaluate_edit
 from mend_jax.artifacts import write_model_card
-from mend_jax.cli.common import add_source_args, load_source
+from mend_jax.cli.common import add_source_args, load_source, positive_int
 from mend_jax.editing import edit_report, format_report
 from mend_jax.errors import cli_main
 from mend_jax.models import save_pretrained
@@ -31,14 +31,16 @@ def run(argv) -> int:
     p.add_argument("--target", required=True, help="the new answer")
     p.add_argument("--rephrase", action="append", default=[], help="an equivalent prompt")
     p.add_argument("--neighbor", action="append", default=[], help="an unrelated prompt")
-    p.add_argument("--max-new-tokens", type=int, default=6)
-    p.add_argument("--max-length", type=int, default=None,
+    p.add_argument("--max-new-tokens", type=positive_int, default=6)
+    p.add_argument("--max-length", type=positive_int, default=None,
                    help="token length of a prompt+target row (default: the editor's)")
     p.add_argument("--save", default=None, help="export the edited model (Hugging Face format)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = p.parse_args(argv)
-    if not args.target.strip():
-        p.error("--target must not be empty")
+    for flag, texts in (("--prompt", [args.prompt]), ("--target", [args.target]),
+                        ("--rephrase", args.rephrase), ("--neighbor", args.neighbor)):
+        if any(not t.strip() for t in texts):
+            p.error(f"{flag} must not be empty")
     _, _, src = load_source(p, args)
     max_length = args.max_length or src.max_length or 64
     report, new_params = edit_report(
