@@ -21,7 +21,7 @@ from jaxtyping import Array, Float
 from mend_jax.metrics import IGNORE, logit_view, masked_nll
 from mend_jax.models.common import Linear, head_at
 from mend_jax.models.model import model_inputs
-from mend_jax.models.names import ParamName
+from mend_jax.models.names import EditedWeight, ParamName
 
 INPUTS = "layer_inputs"
 OUTPUT_GRADS = "output_grads"
@@ -67,7 +67,7 @@ def labelled_logits(model, params, batch: Mapping[str, jax.Array]) -> tuple[jax.
     return model.logits(params, *model_inputs(batch), positions=view[0]), view[1]
 
 
-def token_mask_for(param: ParamName, batch: Mapping[str, jax.Array]) -> jax.Array:
+def token_mask_for(param: ParamName | EditedWeight, batch: Mapping[str, jax.Array]) -> jax.Array:
     """Which captured tokens of a weight are real: the mask of the token stream it acts on (the
     name map says which: a T5 decoder's cross-attention k/v act on encoder tokens, BERT's pooler
     and classifier on the [CLS] token alone)."""
@@ -76,7 +76,8 @@ def token_mask_for(param: ParamName, batch: Mapping[str, jax.Array]) -> jax.Arra
     return batch[param.mask_key]
 
 
-def answer_mask_for(model, param: ParamName, batch: Mapping[str, jax.Array]) -> jax.Array:
+def answer_mask_for(model, param: ParamName | EditedWeight,
+                    batch: Mapping[str, jax.Array]) -> jax.Array:
     """The tokens whose output predicts a target token: for a decoder-only model the position
     before each labelled one, for a seq2seq decoder or a masked LM the labelled positions; a
     seq2seq encoder has no answer positions of its own, so all its real tokens count (as
@@ -95,7 +96,7 @@ def capture(
     model,
     params: dict,
     batch: Mapping[str, jax.Array],
-    inner_params: Sequence[str],
+    inner_params: Sequence[str | EditedWeight],
     loss_fn: Callable | None = None,
 ) -> tuple[jax.Array, dict[str, Captured], jax.Array]:
     """One forward/backward pass: (loss, {hf_name: Captured}, logits) (the logits of
@@ -105,10 +106,16 @@ def capture(
     `model.shift_labels` says; a classifier's labels are [B]). Padding tokens are
     masked; label-masked prompt tokens of decoder-only models keep their (genuinely non-zero) δ,
     so Σ_t u_t δ_tᵀ is exactly the weight gradient.
+
+    `inner_params` are Hugging Face names, or the `EditedWeight`s an editor resolved them to
+    when it was built (then nothing is looked up here).
     """
     loss_fn = loss_fn or (
         lambda logits, b: masked_nll(logits, b["labels"], shift=model.shift_labels))
-    by_module = {model.names.module_path(n): n for n in inner_params}
+    resolved = [(w.name, w) if isinstance(w, EditedWeight) else (w, model.names.lookup(w))
+                for w in inner_params]
+    # keyed by the path of the Linear module owning each weight (its kernel's path less the leaf)
+    by_module = {weight.path[:-1]: (name, weight) for name, weight in resolved}
     intercept = _interceptor(frozenset(by_module))
     inputs = model_inputs(batch)
     # With `logit_positions` the head runs on the labelled positions only, and the loss reads
@@ -135,16 +142,15 @@ def capture(
         loss_of_perturbations, has_aux=True)(zeros)
 
     captured = {}
-    for path, name in by_module.items():
+    for path, (name, weight) in by_module.items():
         u = _get(intermediates, path)[INPUTS][0]
         d = _get(grads, path)[OUTPUT_GRADS]
-        param = model.names.lookup(name)
-        mask = token_mask_for(param, batch)
+        mask = token_mask_for(weight, batch)
         captured[name] = Captured(
             layer_inputs=u.reshape(-1, u.shape[-1]),       # B*T d_in
             output_grads=d.reshape(-1, d.shape[-1]),       # B*T d_out
             token_mask=mask.reshape(-1).astype(jnp.float32),
-            answer_mask=(answer_mask_for(model, param, batch).reshape(-1).astype(jnp.float32)
+            answer_mask=(answer_mask_for(model, weight, batch).reshape(-1).astype(jnp.float32)
                          if "labels" in batch else None),
         )
     return loss, captured, logits

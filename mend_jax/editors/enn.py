@@ -49,8 +49,6 @@ class ENN:
         self.model = model
         self.config = config or ENNConfig()
         inner = list(inner_params) if inner_params is not None else model.default_inner_params()
-        for n in inner:
-            model.names.lookup(n)
         self.layout: EditorLayout = make_layout(model, inner, shared=False)
 
     def init(self, key: jax.Array | None = None) -> dict:
@@ -59,7 +57,7 @@ class ENN:
         names = self.layout.inner_params
         # Copies (jnp.array copies): the state must not alias the model's buffers, which a
         # training step donating the state would otherwise invalidate.
-        weights = {n: jnp.array(get_path(self.model.params, self.model.names.path(n)),
+        weights = {n: jnp.array(get_path(self.model.params, self.layout.weight(n).path),
                                 jnp.float32) for n in names}
         edit_lrs = {n: jnp.asarray(self.config.edit_lr, jnp.float32) for n in names}
         return {"params": {"inner_params": weights, "edit_lrs": edit_lrs}, "stats": {}}
@@ -68,7 +66,7 @@ class ENN:
         """`model_params` with the edited weights replaced (cast to the model's dtype)."""
         new = model_params
         for name, w in weights.items():
-            path = self.model.names.path(name)
+            path = self.layout.weight(name).path
             new = set_path(new, path, w.astype(get_path(model_params, path).dtype))
         return new
 

@@ -138,8 +138,6 @@ class KE:
         self.model = model
         self.config = config or KEConfig()
         inner = list(inner_params) if inner_params is not None else model.default_inner_params()
-        for n in inner:
-            model.names.lookup(n)
         # One network per weight (the reference's ConditionedParameter), never shared.
         self.layout: EditorLayout = make_layout(model, inner, shared=False)
         self.embedding_path = input_embedding_path(model)
@@ -184,9 +182,9 @@ class KE:
         The softmax runs over the input side, as the reference's does for GPT-2's Conv1D weights
         (stored [d_in, d_out]); for a torch Linear weight ([d_out, d_in]) the reference's runs
         over the output side."""
-        i = self.layout.inner_params.index(name)
-        d_in, d_out = self.layout.shapes[i]
-        net = params["nets"]["weights"][self.layout.groups[i]]
+        weight = self.layout.weight(name)
+        d_in, d_out = weight.shape
+        net = params["nets"]["weights"][weight.group]
         out = apply_linear(net["out"], jnp.tanh(apply_linear(net["hidden"], cond)))
         a_col, a_row, b_col, b_row, gate = jnp.split(
             out, [d_out, d_out + d_in, 2 * d_out + d_in, 2 * (d_out + d_in)], -1)
@@ -213,7 +211,7 @@ class KE:
         """W' = W − ΔW for every edited weight (the reference adds; see the README)."""
         new = model_params
         for name, update in updates.items():
-            path = self.model.names.path(name)
+            path = self.layout.weight(name).path
             w = get_path(model_params, path)
             new = set_path(new, path, (w.astype(jnp.float32) - update).astype(w.dtype))
         return new
@@ -224,7 +222,7 @@ class KE:
         del train  # no running statistics
         params = editor_state["params"]
         loss, captured, _ = capture(self.model, jax.lax.stop_gradient(model_params), edit_batch,
-                                    self.layout.inner_params)
+                                    self.layout.weights)
         captured = jax.lax.stop_gradient(captured)
         cond = self.condition(params, *condition_tokens(self.model, edit_batch))
         n_rows = edit_batch["input_ids"].shape[0]

@@ -18,7 +18,7 @@ import numpy as np
 from mend_jax.capture import Captured, capture, pseudo_gradient
 from mend_jax.editing import check_edit_batch
 from mend_jax.metrics import sequence_nll
-from mend_jax.models.names import get_path, set_path
+from mend_jax.models.names import EditedWeight, get_path, set_path
 
 
 @dataclass(frozen=True)
@@ -234,29 +234,56 @@ def _standardise(x, mean, m2, count, eps):
 # ----------------------------------------------------------------------------- the editor
 @dataclass(frozen=True)
 class EditorLayout:
-    """Static description of which editor network serves which weight (hashable)."""
+    """Static description of which editor network serves which weight (hashable): one
+    `EditedWeight` per edited weight, in the order of `inner_params`."""
 
-    inner_params: tuple[str, ...]
-    shapes: tuple[tuple[int, int], ...]           # (d_in, d_out) per inner param
-    groups: tuple[str, ...]                        # editor key per inner param
-    modes: tuple[int, ...]                         # mode index inside its group
-    group_sizes: tuple[tuple[str, int], ...] = field(default=())
+    weights: tuple[EditedWeight, ...]
+    _by_name: dict = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "_by_name", {w.name: w for w in self.weights})
+
+    def weight(self, name: str) -> EditedWeight:
+        return self._by_name[name]
+
+    @property
+    def inner_params(self) -> tuple[str, ...]:
+        return tuple(w.name for w in self.weights)
+
+    @property
+    def shapes(self) -> tuple[tuple[int, int], ...]:
+        return tuple(w.shape for w in self.weights)      # (d_in, d_out) per inner param
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        return tuple(w.group for w in self.weights)      # editor key per inner param
+
+    @property
+    def modes(self) -> tuple[int, ...]:
+        return tuple(w.mode for w in self.weights)       # mode index inside its group
+
+    @property
+    def group_sizes(self) -> tuple[tuple[str, int], ...]:
+        """(group, number of weights it serves), groups in order of first appearance."""
+        groups = self.groups
+        return tuple((g, groups.count(g)) for g in dict.fromkeys(groups))
 
 
 def make_layout(model, inner_params: Sequence[str], shared: bool) -> EditorLayout:
-    shapes, groups, modes, counts = [], [], [], {}
+    """The `EditedWeight` of every inner param, resolved once from the model's name map (an
+    unknown name fails with the closest valid ones)."""
+    weights, counts = [], {}
     for name in inner_params:
-        kernel = get_path(model.params, model.names.path(name))
+        param = model.names.lookup(name)
+        kernel = get_path(model.params, param.path)
         if kernel.ndim != 2:
             raise ValueError(f"inner param {name} is not a weight matrix (shape {kernel.shape})")
         d_in, d_out = kernel.shape
         group = f"{d_in}x{d_out}" if shared else name.replace(".", "_")
-        modes.append(counts.get(group, 0))
+        weights.append(EditedWeight(name, param.path, (d_in, d_out), group,
+                                    counts.get(group, 0), param.tokens))
         counts[group] = counts.get(group, 0) + 1
-        shapes.append((d_in, d_out))
-        groups.append(group)
-    return EditorLayout(tuple(inner_params), tuple(shapes), tuple(groups), tuple(modes),
-                        tuple(counts.items()))
+    return EditorLayout(tuple(weights))
 
 
 class MEND:
@@ -267,8 +294,6 @@ class MEND:
         self.model = model
         self.config = config or MENDConfig()
         inner = list(inner_params) if inner_params is not None else model.default_inner_params()
-        for n in inner:
-            model.names.lookup(n)  # fails early with the closest valid names
         self.layout = make_layout(model, inner, self.config.shared)
 
     # -- state
@@ -331,7 +356,7 @@ class MEND:
     def _standardised(self, stats: dict, name: str, cap: Captured):
         """(u, δ, counted-token mask) of one weight, standardised by its group's statistics."""
         cfg = self.config
-        group = self.layout.groups[self.layout.inner_params.index(name)]
+        group = self.layout.weight(name).group
         u = cap.layer_inputs.astype(jnp.float32)
         d = cap.output_grads.astype(jnp.float32)
         m = selected_tokens(cap, cfg.tokens == "answer")
@@ -346,13 +371,12 @@ class MEND:
         token rows go through the network in ONE pass, each row with its weight's mode scale and
         shift. Row by row this is the per-weight transform; it reads the network's weights once
         instead of once per weight, which is what small edits are bound by."""
-        lay = self.layout
-        index = [lay.inner_params.index(name) for name, _ in members]
-        group = lay.groups[index[0]]
-        assert all(lay.groups[i] == group for i in index)
+        weights = [self.layout.weight(name) for name, _ in members]
+        group = weights[0].group
+        assert all(w.group == group for w in weights)
         sizes = [u.shape[0] for _, (u, _, _) in members]
-        modes = jnp.concatenate([jnp.full((n,), lay.modes[i], jnp.int32)
-                                 for n, i in zip(sizes, index)])
+        modes = jnp.concatenate([jnp.full((n,), w.mode, jnp.int32)
+                                 for n, w in zip(sizes, weights)])
         u = jnp.concatenate([u for _, (u, _, _) in members])
         d = jnp.concatenate([d for _, (_, d, _) in members])
         m = jnp.concatenate([m for _, (_, _, m) in members])
@@ -376,9 +400,8 @@ class MEND:
     def _chunked_aggregate(self, params: dict, name: str, standardised, keys, reg):
         """The aggregate of one weight with the editor run over `chunk_tokens` rows at a time:
         Σ ũδ̃ᵀ, or for lstsq the primal ridge solve from the accumulated KᵀK and KᵀV."""
-        cfg, lay = self.config, self.layout
-        i = lay.inner_params.index(name)
-        nets, mode = params["nets"][lay.groups[i]], lay.modes[i]
+        cfg, weight = self.config, self.layout.weight(name)
+        nets, mode = params["nets"][weight.group], weight.mode
         u, d, m = standardised
         size = cfg.chunk_tokens
         pad = (-u.shape[0]) % size
@@ -389,7 +412,7 @@ class MEND:
             return x.reshape((n_chunks, size) + x.shape[1:])
 
         lstsq = cfg.aggregate == "lstsq"
-        d_in, d_out = lay.shapes[i]
+        d_in, d_out = weight.shape
 
         @jax.checkpoint
         def body(acc, chunk):
@@ -411,7 +434,7 @@ class MEND:
                           acc[1])
 
     def _merge(self, stats: dict, name: str, cap: Captured) -> dict:
-        group = self.layout.groups[self.layout.inner_params.index(name)]
+        group = self.layout.weight(name).group
         mask = selected_tokens(cap, self.config.tokens == "answer")
         out = {**stats, group: update_stats(stats[group],
                                             jax.lax.stop_gradient(cap.layer_inputs),
@@ -474,7 +497,7 @@ class MEND:
         """W' = W − update for every edited weight; other leaves are shared, not copied."""
         new = model_params
         for name, update in updates.items():
-            path = self.model.names.path(name)
+            path = self.layout.weight(name).path
             w = get_path(model_params, path)
             new = set_path(new, path, (w.astype(jnp.float32) - update).astype(w.dtype))
         return new
@@ -488,7 +511,7 @@ class MEND:
         if self.config.capture_loss == "per_request":
             loss_fn = lambda logits, b: sequence_nll(logits, b["labels"], shift).sum()  # noqa: E731
         loss, captured, _ = capture(self.model, jax.lax.stop_gradient(model_params), edit_batch,
-                                    self.layout.inner_params, loss_fn=loss_fn)
+                                    self.layout.weights, loss_fn=loss_fn)
         captured = jax.lax.stop_gradient(captured)
         updates, stats = self.pseudo_gradients(editor_state["params"], editor_state["stats"],
                                                captured, train=train)

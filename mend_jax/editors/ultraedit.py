@@ -53,8 +53,6 @@ class UltraEdit:
         self.model = model
         self.config = config or UltraEditConfig()
         inner = list(inner_params) if inner_params is not None else model.default_inner_params()
-        for n in inner:
-            model.names.lookup(n)
         self.layout = make_layout(model, inner, shared=True)
 
     def init(self, key=None) -> dict:
@@ -65,7 +63,7 @@ class UltraEdit:
 
     def edit_and_update(self, state: dict, model_params: dict, edit_batch) -> tuple[dict, dict]:
         cfg, lay = self.config, self.layout
-        _, captured, _ = capture(self.model, model_params, edit_batch, lay.inner_params)
+        _, captured, _ = capture(self.model, model_params, edit_batch, lay.weights)
         captured = jax.lax.stop_gradient(captured)
         masks = {n: selected_tokens(captured[n], cfg.tokens == "answer")
                  for n in lay.inner_params}
@@ -84,7 +82,7 @@ class UltraEdit:
                                  s["count"], cfg.norm_eps)
             values = jnp.sum(u_hat * u_hat, -1, keepdims=True) * d_hat * m[:, None]
             update = cfg.lr * ridge_solve(keys, values, jnp.asarray(cfg.lam, jnp.float32))
-            path = self.model.names.path(name)
+            path = lay.weight(name).path
             w = get_path(model_params, path)
             new = set_path(new, path, (w.astype(jnp.float32) - update).astype(w.dtype))
         return new, {"stats": stats}

@@ -2,7 +2,7 @@
 
 Public API: `load_pretrained`, `save_pretrained`, `from_config`, `Model`, `model_inputs`,
 `generate`, `supported_model_types`, `CheckpointError`, and the name map (`NameMap`,
-`ParamName`).
+`ParamName`, `EditedWeight`).
 """
 
 from mend_jax.models.generation import generate
@@ -13,11 +13,12 @@ from mend_jax.models.hf_io import (
     save_pretrained,
 )
 from mend_jax.models.model import Model, model_inputs
-from mend_jax.models.names import NameMap, ParamName, get_path, set_path
+from mend_jax.models.names import EditedWeight, NameMap, ParamName, get_path, set_path
 from mend_jax.models.registry import get_architecture, supported_model_types
 
 __all__ = [
     "CheckpointError",
+    "EditedWeight",
     "Model",
     "NameMap",
     "ParamName",

@@ -57,6 +57,24 @@ class ParamName:
         return leaf.T if self.layout == "linear" else leaf
 
 
+@dataclass(frozen=True)
+class EditedWeight:
+    """One edited weight, resolved from the name map once, when its editor is built: what the
+    capture and the editors need of it, passed around instead of its name looked up again."""
+
+    name: str                    # Hugging Face name, "transformer.h.9.mlp.c_fc.weight"
+    path: tuple[str, ...]        # pytree path of its kernel
+    shape: tuple[int, int]       # (d_in, d_out)
+    group: str                   # key of the editor network that serves it
+    mode: int                    # its mode index inside that network (0 when not shared)
+    tokens: str = "input"        # the token stream it acts on, a key of TOKEN_MASKS
+
+    @property
+    def mask_key(self) -> str:
+        """The batch key of the mask over the tokens this weight acts on."""
+        return TOKEN_MASKS[self.tokens]
+
+
 class NameMap:
     """Bidirectional HF name <-> pytree path lookup with helpful errors."""
 
