@@ -71,6 +71,25 @@ def test_shared_editor_groups_by_shape_with_modes(model):
     assert len(state["params"]["nets"]["24x96"]["uv"]["layers"]) == 2  # n_hidden + 1
 
 
+def test_layout_resolves_each_weight_once_with_its_own_mode(model):
+    """One EditedWeight per inner param, read from the name map when the editor is built; the
+    weights that share a network are told apart by modes 0, 1, 2 in their order."""
+    from mend_jax.models import EditedWeight
+
+    layout = MEND(model).layout
+    assert layout.weights[1] == EditedWeight(
+        "transformer.h.0.mlp.c_proj.weight", ("transformer", "h_0", "mlp", "c_proj", "kernel"),
+        (96, 24), "96x24", 0, "input")
+    modes = {}
+    for w in layout.weights:
+        assert w.path == model.names.path(w.name) and layout.weight(w.name) is w
+        modes.setdefault(w.group, []).append(w.mode)
+    assert modes == {"24x96": [0, 1, 2], "96x24": [0, 1, 2]}
+    assert layout.group_sizes == (("24x96", 3), ("96x24", 3))
+    unshared = MEND(model, config=MENDConfig(shared=False)).layout
+    assert unshared.modes == (0,) * 6 and unshared.groups[0] == "transformer_h_0_mlp_c_fc_weight"
+
+
 def test_norm_stats_update_only_when_training(model):
     editor = MEND(model)
     state = editor.init(jax.random.key(0))
