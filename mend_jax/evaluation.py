@@ -10,7 +10,6 @@ tokenised once up front, so the loop costs one dispatch per group. Metric names 
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from mend_jax.capture import labelled_logits
 from mend_jax.data.batching import tokenize_pairs
@@ -325,6 +325,7 @@ def evaluate_editor(
         `n_edits`; the incomplete last group is dropped. A group's locality examples are its
         requests' loc pairs; generality averages over all of a request's rephrases.
       batch_size: most rows per forward pass inside the jitted group function (None: all).
+      progress: a progress bar over the groups on stderr.
       perplexity: also report `ppl_drawdown` = ppl_post / ppl_pre − 1 on the locality targets
         (Wikitext-style generation edits).
       timed_edits: how many groups' edits are timed (separately jitted, compile excluded) for
@@ -347,12 +348,9 @@ def evaluate_editor(
     groups = [jax.tree.map(lambda x, g=g: x[g], batches) for g in range(n_groups)]
 
     run = _group_fn(model, editor, batch_size)
-    stats, start = [], time.perf_counter()
-    for g, group in enumerate(groups):
-        stats.append(run(editor_state, model_params, group))
-        if progress and ((g + 1) % max(1, n_groups // 10) == 0 or g + 1 == n_groups):
-            print(f"evaluated {g + 1}/{n_groups} groups of {n_edits} "
-                  f"({time.perf_counter() - start:.1f}s)", file=sys.stderr, flush=True)
+    stats = [run(editor_state, model_params, group)
+             for group in tqdm(groups, desc=f"evaluate (groups of {n_edits})", unit="group",
+                               disable=not progress, mininterval=2)]
     stats = jax.device_get(stats)
     cat = {kind: {k: np.stack([s[kind][k] for s in stats]) for k in stats[0][kind]}
            for kind in stats[0]}  # each [G, rows]

@@ -205,3 +205,13 @@ def test_counterfact_scores_and_generality_by_form(setup):
     for f in forms:
         assert m[f"generality_{f}"] == pytest.approx(fraction(by_form[f]))
     assert 0 < m["paraphrase_score"] < 1  # a random model: a real mix, not a constant
+
+
+def test_progress_is_a_bar_over_the_groups_on_stderr(setup, capsys):
+    model, tokenizer = setup
+    ft = FineTune(model, config=FTConfig(steps=0))
+    for progress in (False, True):
+        evaluate_editor(model, ft, ft.init(), model.params, REQUESTS[:6], tokenizer, n_edits=2,
+                        max_length=MAX_LENGTH, timed_edits=0, progress=progress)
+        err = capsys.readouterr().err
+        assert ("evaluate (groups of 2)" in err and "3/3" in err) == progress, err
