@@ -19,7 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mend_jax.checkpoint import Checkpoints
-from mend_jax.data import EditRequest, make_edit_batch
+from mend_jax.data import EditRequest, check_requests, make_edit_batch
 from mend_jax.data.batching import target_lengths
 from mend_jax.metrics import IGNORE, POSITIONS, logit_positions
 from mend_jax.metrics import positions_width as widest
@@ -90,7 +90,8 @@ def batch_at(requests: Sequence[EditRequest], tokenizer, *, seed: int, step: int
     sampled k, the edit rows are padded to a power of four by requests whose labels are all
     ignored: they add no loss, and their δ is exactly zero, so the editor skips their tokens.
     A decoder-only batch's edit parts carry `logit_positions` of `positions_width` (default:
-    the batch's own; a run passes `label_width`'s, one shape for every step).
+    the batch's own; a run passes `label_width`'s, one shape for every step). The requests are
+    not checked here: `train_editor` checks them all once (`check_requests`).
     """
     rng = np.random.default_rng([seed, step])
     k, rows = sample_n_edits(rng, n_edits, n_edits_dist)
@@ -101,7 +102,8 @@ def batch_at(requests: Sequence[EditRequest], tokenizer, *, seed: int, step: int
     chosen = [requests[i] for i in idx]
     batch = make_edit_batch(tokenizer, chosen, seq2seq=seq2seq, max_length=max_length, rng=rng,
                             n_edits=rows, loc_neighbors=loc_neighbors,
-                            decoder_start_token_id=decoder_start_token_id, label2id=label2id)
+                            decoder_start_token_id=decoder_start_token_id, label2id=label2id,
+                            check=False)
     batch["loc"] = {key: v[:batch_size] for key, v in batch["loc"].items()}
     for part in ("edit_inner", "edit_outer"):
         batch[part]["labels"][k:] = IGNORE
@@ -189,6 +191,10 @@ def train_editor(trainer: MetaTrainer, model_params, train_requests, val_request
     With a `mesh`, the step runs through `make_sharded_step` (batches over its "data" axis,
     large weights over "model"); without one, on the default device."""
     run_dir = Path(run_dir)
+    # Every request is checked before step 0 (a bad record names its file and record), not
+    # when a batch first samples it mid-training.
+    check_requests([*train_requests, *val_requests], tokenizer,
+                   max_length=max_length, **trainer.model.pair_format)
     ckpt = Checkpoints(run_dir)
     state = trainer.init(jax.random.key(seed))
     book = {"step": 0, "best_val": None, "select_on": cfg.select_on, "best_step": None,

@@ -352,7 +352,13 @@ def load_run(run_dir: str | Path, overrides: dict | None = None) -> tuple[RunCon
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.exists():
         raise FileNotFoundError(f"{run_dir}: no config.yaml (is this a train.py output folder?)")
-    cfg = validate_config(yaml.safe_load(cfg_file.read_text()))
+    try:
+        saved = yaml.safe_load(cfg_file.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{cfg_file}: invalid YAML ({e})".replace("\n", " ")) from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{cfg_file}: expected a mapping at the top level")
+    cfg = validate_config(saved)
     cfg = cfg.replace(out_dir=str(run_dir), **(overrides or {}))
     prep = prepare(cfg, progress=False)
     mend = build_editor(cfg, prep.model)

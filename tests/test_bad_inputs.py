@@ -204,6 +204,22 @@ def test_bad_training_requests_are_refused_before_batching(art, tmp_path, record
     check_requests(requests[:1], tok, **fmt, max_length=16)  # the good record passes
 
 
+def test_training_refuses_a_bad_record_before_step_0(art, tmp_path):
+    """A bad record anywhere in the splits stops `train_editor` before its first step, even one
+    that no batch would sample for a long time; nothing is written to the run."""
+    from mend_jax.loop import LoopConfig, train_editor
+    from mend_jax.training import MetaTrainer, TrainConfig
+
+    path, requests = _requests(tmp_path, *([{}] * 30), {"alt": "Lyonnais"})
+    trainer = MetaTrainer(art["editor"], TrainConfig(accumulate=1))
+    run = tmp_path / "run"
+    with pytest.raises(DataError, match=rf"^{path}: record 30 \(0-based\): target_new "):
+        train_editor(trainer, art["model"].params, requests[:20], requests[20:],
+                     art["model"].tokenizer, run_dir=run, max_length=16, seed=0,
+                     cfg=LoopConfig(max_steps=1, batch_size=2, val_batches=1), progress=False)
+    assert not run.exists() or not any(run.rglob("*"))
+
+
 def test_a_request_built_in_memory_is_named_by_its_index(art):
     good = EditRequest(P[0], "Lyon", "Paris", (), "who wrote Hamlet", "Shakespeare")
     empty = EditRequest(P[0], " ", "Paris", (), "who wrote Hamlet", "Shakespeare")

@@ -322,6 +322,7 @@ def make_edit_batch(
     loc_neighbors: bool | float = False,
     decoder_start_token_id: int | None = None,
     label2id: Mapping[str, int] | None = None,
+    check: bool = True,
 ) -> dict[str, Batch]:
     """Build the edit_inner / edit_outer / loc (/ neighborhood) batches of one training step.
 
@@ -335,7 +336,9 @@ def make_edit_batch(
     hardest cases, other subjects that share the edited fact's true object. A float in (0, 1)
     replaces each such row with that probability (drawn with `rng`); True is 1.0.
     `decoder_start_token_id` and `label2id` go to `tokenize_pairs` (see `Model.pair_format`).
-    Requests that would be batched wrongly (`check_requests`) raise a DataError naming them.
+    Requests that would be batched wrongly (`check_requests`) raise a DataError naming them;
+    `check=False` skips that for requests checked already (the training loop checks its splits
+    once, before step 0).
     """
     frac = float(loc_neighbors)
     if not 0.0 <= frac <= 1.0:
@@ -352,7 +355,8 @@ def make_edit_batch(
         "decoder_start_token_id": decoder_start_token_id,
         "label2id": label2id,
     }
-    check_requests(requests, tokenizer, **kw)
+    if check:
+        check_requests(requests, tokenizer, **kw)
     outer = [
         r.rephrases[rng.integers(len(r.rephrases))] if r.rephrases else r.prompt for r in edits
     ]
