@@ -32,10 +32,10 @@ def main(argv=None) -> None:
     import transformers
 
     from mend_jax.config import load_config
-    from mend_jax.data import benchmark_texts, build_geonames_benchmark, build_tokenizer
     from mend_jax.loop import batch_at, label_width
     from mend_jax.metrics import POSITIONS
     from mend_jax.models import from_config
+    from mend_jax.offline import benchmark_texts, build_geonames_benchmark, build_tokenizer
     from mend_jax.pipeline import build_editor, train_config
     from mend_jax.training import MetaTrainer
 
@@ -48,7 +48,8 @@ def main(argv=None) -> None:
                                 **mcfg.tokenizer.options())
     # the zsRE round trip of the pipeline is not needed for timing: the requests themselves
     with tempfile.TemporaryDirectory() as tmp:
-        from mend_jax.data import load_requests, write_benchmark
+        from mend_jax.data import load_requests
+        from mend_jax.offline import write_benchmark
 
         paths = write_benchmark(bench, tmp)
         train = load_requests(paths["train.zsre"], "zsre")

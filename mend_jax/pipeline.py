@@ -23,22 +23,21 @@ import yaml
 from mend_jax.artifacts import save_editor
 from mend_jax.checkpoint import load_best_editor
 from mend_jax.config import validate_config
-from mend_jax.data import (
-    EditRequest,
-    benchmark_texts,
-    build_claims_benchmark,
-    build_geonames_benchmark,
-    build_tokenizer,
-    claims_texts,
-    load_requests,
-    write_benchmark,
-    write_claims_benchmark,
-)
+from mend_jax.data import EditRequest, load_requests
 from mend_jax.editors import make_editor
 from mend_jax.errors import ConfigError
 from mend_jax.evaluation import evaluate_editor, evaluate_sequential, format_table
 from mend_jax.loop import train_editor
 from mend_jax.models import Model, load_pretrained, save_pretrained
+from mend_jax.offline import (
+    benchmark_texts,
+    build_claims_benchmark,
+    build_geonames_benchmark,
+    build_tokenizer,
+    claims_texts,
+    write_benchmark,
+    write_claims_benchmark,
+)
 from mend_jax.runs import run_lock, write_or_check_config
 from mend_jax.schema import DTYPES as DTYPE_NAMES
 from mend_jax.schema import METHODS, TRAINED, RunConfig
@@ -132,7 +131,7 @@ def prepare(cfg: RunConfig | dict, progress: bool | None = None) -> Prepared:
 def _built_base_model(cfg: RunConfig, bench: dict, info: dict,
                       progress: bool) -> tuple[Model, Any]:
     """The geonames default's GPT-2, taught the benchmark's facts (cached)."""
-    from mend_jax.pretrain import cached_base_model
+    from mend_jax.offline.pretrain import cached_base_model
 
     mcfg = cfg.model
     _check_build(mcfg, "GPT2Config", "the geonames default builds a GPT-2 (model=geo_tiny)")
@@ -148,7 +147,7 @@ def _built_base_model(cfg: RunConfig, bench: dict, info: dict,
 def _built_classifier(cfg: RunConfig, claims: dict, info: dict,
                       progress: bool) -> tuple[Model, Any]:
     """The offline FEVER benchmark's BERT claim classifier, trained on its claims (cached)."""
-    from mend_jax.pretrain_classifier import build_classifier_tokenizer, cached_classifier
+    from mend_jax.offline.pretrain_classifier import build_classifier_tokenizer, cached_classifier
 
     mcfg = cfg.model
     _check_build(mcfg, "BertConfig", "data=fever builds a BERT classifier (model=bert_tiny)")

@@ -109,7 +109,7 @@ class DataSection:
     preset: str | None = None
 
     def __post_init__(self):
-        from mend_jax.data.geonames import FORMS
+        from mend_jax.offline.geonames import FORMS
 
         if not self.edit_forms or any(f not in FORMS for f in self.edit_forms):
             raise ValueError(f"edit_forms must be a non-empty list of {list(FORMS)}, got "

@@ -12,10 +12,10 @@ import pytest
 import transformers
 
 import mend_jax
-from mend_jax.data import build_word_tokenizer
-from mend_jax.data.tokenizer import normalize_words
 from mend_jax.metrics import sequence_correct
 from mend_jax.models import from_config, get_path, load_pretrained, save_pretrained
+from mend_jax.offline import build_word_tokenizer
+from mend_jax.offline.tokenizer import normalize_words
 
 TEXTS = ["The capital of France is Paris", "The capital of Spain is Madrid",
          "France's capital city is Paris", "Spain's capital city is Madrid",

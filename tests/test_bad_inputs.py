@@ -18,15 +18,9 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 import mend_jax
-from mend_jax.data import (
-    DataError,
-    EditRequest,
-    build_word_tokenizer,
-    check_requests,
-    load_requests,
-    make_edit_batch,
-)
+from mend_jax.data import DataError, EditRequest, check_requests, load_requests, make_edit_batch
 from mend_jax.errors import EditError
+from mend_jax.offline import build_word_tokenizer
 
 TEXTS = ["The capital of France is Paris", "The capital of Spain is Madrid",
          "France's capital city is Paris", "Spain's capital city is Madrid",

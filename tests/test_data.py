@@ -14,23 +14,25 @@ from transformers import PreTrainedTokenizerFast
 
 from mend_jax.data import (
     IGNORE,
-    RELATIONS,
     DataError,
     EditRequest,
     batch_iterator,
-    benchmark_texts,
-    build_geonames_benchmark,
-    build_word_tokenizer,
     load_counterfact,
-    load_facts,
     load_requests,
     load_wikitext,
     load_zsre_easyedit,
     load_zsre_mend,
     make_edit_batch,
-    normalize_words,
     sniff_format,
     tokenize_pairs,
+)
+from mend_jax.offline import (
+    RELATIONS,
+    benchmark_texts,
+    build_geonames_benchmark,
+    build_word_tokenizer,
+    load_facts,
+    normalize_words,
     write_benchmark,
 )
 
@@ -428,7 +430,7 @@ def _bench_digest_in_subprocess(hash_seed: str) -> str:
     import sys
     from pathlib import Path
 
-    code = ("import hashlib; from mend_jax.data import build_geonames_benchmark as b; "
+    code = ("import hashlib; from mend_jax.offline import build_geonames_benchmark as b; "
             "print(hashlib.sha256(repr(b(seed=0)).encode()).hexdigest())")
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, PYTHONHASHSEED=hash_seed, PYTHONPATH=str(root))
@@ -462,7 +464,7 @@ def test_geonames_splits_disjoint(bench):
 
 def _all_templates(heldout: bool | None = None) -> list[str]:
     """Every template of every relation and form (only training / held-out ones if asked)."""
-    from mend_jax.data.geonames import FORMS
+    from mend_jax.offline.geonames import FORMS
 
     kinds = (False, True) if heldout is None else (heldout,)
     return [t for rel in RELATIONS.values() for f in FORMS for h in kinds
@@ -560,7 +562,7 @@ def test_geonames_word_tokenizer(bench):
 def test_bpe_tokenizer_encodes_every_string(bench):
     """The default's byte-level BPE: no unknown token exists, and any string in any script
     (and random code points) decodes back exactly; the vocabulary depends only on the texts."""
-    from mend_jax.data import build_bpe_tokenizer, build_tokenizer
+    from mend_jax.offline import build_bpe_tokenizer, build_tokenizer
 
     texts = benchmark_texts(bench)
     tok = build_bpe_tokenizer(texts, vocab_size=1024)
@@ -712,8 +714,9 @@ def test_error_nq_loc_file(tmp_path):
 
 
 def test_a_target_with_an_unknown_word_is_refused():
-    from mend_jax.data import build_word_tokenizer, tokenize_pairs
+    from mend_jax.data import tokenize_pairs
     from mend_jax.errors import EditError
+    from mend_jax.offline import build_word_tokenizer
 
     tok = build_word_tokenizer(["The capital of France is Paris"])
     ok = tokenize_pairs(tok, ["The capital of France is"], ["Paris"], seq2seq=False,

@@ -4,7 +4,7 @@ import jax
 import pytest
 import transformers
 
-from mend_jax.data import EditRequest, build_word_tokenizer
+from mend_jax.data import EditRequest
 from mend_jax.editors import MEND, FineTune, FTConfig, MENDConfig
 from mend_jax.evaluation import (
     METRIC_KEYS,
@@ -15,6 +15,7 @@ from mend_jax.evaluation import (
     plot_vs_n_edits,
 )
 from mend_jax.models import from_config
+from mend_jax.offline import build_word_tokenizer
 
 MAX_LENGTH = 12
 FACTS = [  # (subject, true capital, new capital)

@@ -16,7 +16,7 @@ from mend_jax.editors import MEND, FineTune, FTConfig, MENDConfig, make_editor
 from mend_jax.errors import EditError
 from mend_jax.evaluation import evaluate_editor
 from mend_jax.models import from_config
-from mend_jax.pretrain_classifier import build_classifier_tokenizer
+from mend_jax.offline.pretrain_classifier import build_classifier_tokenizer
 
 FLIP = {"SUPPORTS": "REFUTES", "REFUTES": "SUPPORTS"}  # spelled here, not imported
 MAX_LENGTH = 12
@@ -301,7 +301,7 @@ def test_text_api_edits_a_classifier_with_label_names(classifier):
 # ----------------------------------------------------------------------------- seq2seq batches
 @pytest.fixture(scope="module")
 def tiny_bart():
-    from mend_jax.data import build_word_tokenizer
+    from mend_jax.offline import build_word_tokenizer
 
     tok = build_word_tokenizer([c for c, *_ in CLAIMS] + list(LABELS))
     hf = transformers.BartConfig(

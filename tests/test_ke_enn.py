@@ -12,13 +12,14 @@ import transformers
 from mend_jax.artifacts import load_editor, save_editor
 from mend_jax.capture import capture
 from mend_jax.config import load_config
-from mend_jax.data import EditRequest, build_word_tokenizer
+from mend_jax.data import EditRequest
 from mend_jax.editors import ENN, KE, ENNConfig, KEConfig, make_editor
 from mend_jax.editors.ke import apply_linear
 from mend_jax.errors import ConfigError
 from mend_jax.evaluation import evaluate_editor
 from mend_jax.metrics import IGNORE, masked_nll
 from mend_jax.models import from_config, get_path, set_path
+from mend_jax.offline import build_word_tokenizer
 from mend_jax.training import MetaTrainer, TrainConfig
 
 INNER = ["transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_proj.weight"]

@@ -155,9 +155,10 @@ def test_a_model_without_an_output_head_refuses_positions():
 
 
 def test_a_run_uses_one_positions_width_that_fits_every_target():
-    from mend_jax.data import EditRequest, build_tokenizer, tokenize_pairs
+    from mend_jax.data import EditRequest, tokenize_pairs
     from mend_jax.data.batching import target_lengths
     from mend_jax.loop import batch_at, label_width
+    from mend_jax.offline import build_tokenizer
 
     words = ["Paris", "Lyon", "Ouagadougou", "Saint-Pierre-et-Miquelon", "Zürich", "東京",
              "Bern", "Oslo"]

@@ -57,10 +57,11 @@ def test_drawdown_is_accuracy_lost_on_unrelated_facts():
     know them all. The edit gained locality accuracy, so drawdown = pre − post = −1."""
     import transformers
 
-    from mend_jax.data import build_word_tokenizer, tokenize_pairs
+    from mend_jax.data import tokenize_pairs
     from mend_jax.editors import FineTune, FTConfig
     from mend_jax.evaluation import evaluate_editor
     from mend_jax.models import from_config
+    from mend_jax.offline import build_word_tokenizer
     from tests.test_evaluation import MAX_LENGTH, REQUESTS
 
     texts = [t for r in REQUESTS for t in (r.prompt, r.target_new, r.loc_prompt, r.loc_target,

@@ -194,8 +194,8 @@ def test_wikitext_data_targets_come_from_the_base_model(tmp_path):
     import transformers
 
     from mend_jax.config import load_config
-    from mend_jax.data import build_word_tokenizer
     from mend_jax.models import from_config, save_pretrained
+    from mend_jax.offline import build_word_tokenizer
     from mend_jax.pipeline import prepare
 
     texts = [f"the river flows into the sea near the old town and the bridge number {i} " * 2

@@ -210,8 +210,9 @@ def test_padded_edit_rows_change_nothing():
 
 
 def test_sampled_n_edits_batches():
-    from mend_jax.data import EditRequest, build_word_tokenizer
+    from mend_jax.data import EditRequest
     from mend_jax.loop import batch_at, sample_n_edits
+    from mend_jax.offline import build_word_tokenizer
 
     ks = [sample_n_edits(np.random.default_rng([0, s]), 100, "log_uniform") for s in range(400)]
     assert {rows for _, rows in ks} == {1, 4, 16, 64, 100}
@@ -237,7 +238,7 @@ def test_sampled_n_edits_batches():
 def _word_tokenizer():
     """A word tokenizer whose ids are the model's: "w04" .. "w39" are ids 4 .. 39 (after the
     four special tokens), so text requests reach the token rows the editor was trained on."""
-    from mend_jax.data import build_word_tokenizer
+    from mend_jax.offline import build_word_tokenizer
 
     tok = build_word_tokenizer([" ".join(f"w{i:02d}" for i in range(4, V))])
     assert tok.convert_tokens_to_ids(["w04", "w39"]) == [4, 39]

@@ -20,11 +20,12 @@ import transformers
 from tokenizers.processors import TemplateProcessing
 from tqdm.auto import tqdm
 
-from mend_jax.data import build_tokenizer, tokenize_pairs
+from mend_jax.data import tokenize_pairs
 from mend_jax.data.fever import LABELS
 from mend_jax.metrics import masked_nll
 from mend_jax.models import Model, from_config, load_pretrained, save_pretrained
-from mend_jax.pretrain import cache_key, fact_accuracy
+from mend_jax.offline.pretrain import cache_key, fact_accuracy
+from mend_jax.offline.tokenizer import build_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from mend_jax.data.fever import FLIP, REFUTES, SUPPORTS
-from mend_jax.data.geonames import RELATIONS, build_geonames_benchmark
-from mend_jax.data.geonames_files import SPLITS
 from mend_jax.data.request import EditRequest
+from mend_jax.offline.files import SPLITS
+from mend_jax.offline.geonames import RELATIONS, build_geonames_benchmark
 
 
 def claim(template: str, subject: str, obj: str) -> str:
