@@ -109,19 +109,27 @@ def pretrain_on_facts(
     return model, params, acc
 
 
+def cached_model(folder: Path, what: str, metric: str, build,
+                 record: dict) -> tuple[Model, float]:
+    """The model cached in `folder` and its `metric`; else `build()` -> (model, params, value),
+    saved there first. pretrain.json, written last, marks a complete cache entry."""
+    info = folder / "pretrain.json"
+    if info.exists() and (folder / "model.safetensors").exists():
+        value = json.loads(info.read_text())[metric]
+        log.info("%s from cache %s (%s %.3f)", what, folder, metric.replace("_", " "), value)
+        return load_pretrained(folder), value
+    model, params, value = build()
+    save_pretrained(model, params, folder)
+    info.write_text(json.dumps({metric: value, **record}, indent=2))
+    log.info("%s trained (%s %.3f), cached in %s", what, metric.replace("_", " "), value, folder)
+    return load_pretrained(folder), value
+
+
 def cached_base_model(cache_dir: str | Path, facts, tokenizer, model_cfg: dict, train_cfg: dict,
                       progress: bool = True) -> tuple[Model, float]:
     """Load the pretrained base model from the cache, or train and cache it."""
     folder = Path(cache_dir) / f"base-{cache_key(facts, model_cfg, train_cfg, tokenizer)}"
-    info = folder / "pretrain.json"
-    if info.exists() and (folder / "model.safetensors").exists():
-        acc = json.loads(info.read_text())["fact_accuracy"]
-        log.info("base model from cache %s (fact accuracy %.3f)", folder, acc)
-        return load_pretrained(folder), acc
-    model, params, acc = pretrain_on_facts(facts, tokenizer, model_cfg, progress=progress,
-                                           **train_cfg)
-    save_pretrained(model, params, folder)
-    info.write_text(json.dumps({"fact_accuracy": acc, "n_facts": len(facts),
-                                "model": model_cfg, "train": train_cfg}, indent=2))
-    log.info("base model trained (fact accuracy %.3f), cached in %s", acc, folder)
-    return load_pretrained(folder), acc
+    return cached_model(
+        folder, "base model", "fact_accuracy",
+        lambda: pretrain_on_facts(facts, tokenizer, model_cfg, progress=progress, **train_cfg),
+        {"n_facts": len(facts), "model": model_cfg, "train": train_cfg})

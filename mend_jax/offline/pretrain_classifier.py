@@ -8,7 +8,6 @@ everything it depends on, so a second run loads it with `load_pretrained`.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,8 +22,8 @@ from tqdm.auto import tqdm
 from mend_jax.data import tokenize_pairs
 from mend_jax.data.fever import LABELS
 from mend_jax.metrics import masked_nll
-from mend_jax.models import Model, from_config, load_pretrained, save_pretrained
-from mend_jax.offline.pretrain import cache_key, fact_accuracy
+from mend_jax.models import Model, from_config
+from mend_jax.offline.pretrain import cache_key, cached_model, fact_accuracy
 from mend_jax.offline.tokenizer import build_tokenizer
 
 log = logging.getLogger(__name__)
@@ -96,16 +95,7 @@ def cached_classifier(cache_dir: str | Path, claims, tokenizer, model_cfg: dict,
                       progress: bool = True) -> tuple[Model, float]:
     """Load the trained claim classifier from the cache, or train and cache it."""
     key = cache_key(claims, {"classifier": model_cfg}, train_cfg, tokenizer)
-    folder = Path(cache_dir) / f"classifier-{key}"
-    info = folder / "pretrain.json"
-    if info.exists() and (folder / "model.safetensors").exists():
-        acc = json.loads(info.read_text())["claim_accuracy"]
-        log.info("claim classifier from cache %s (claim accuracy %.3f)", folder, acc)
-        return load_pretrained(folder), acc
-    model, params, acc = pretrain_classifier(claims, tokenizer, model_cfg, progress=progress,
-                                             **train_cfg)
-    save_pretrained(model, params, folder)
-    info.write_text(json.dumps({"claim_accuracy": acc, "n_claims": len(claims),
-                                "model": model_cfg, "train": train_cfg}, indent=2))
-    log.info("claim classifier trained (claim accuracy %.3f), cached in %s", acc, folder)
-    return load_pretrained(folder), acc
+    return cached_model(
+        Path(cache_dir) / f"classifier-{key}", "claim classifier", "claim_accuracy",
+        lambda: pretrain_classifier(claims, tokenizer, model_cfg, progress=progress, **train_cfg),
+        {"n_claims": len(claims), "model": model_cfg, "train": train_cfg})
