@@ -64,7 +64,7 @@ def main(argv=None) -> None:
     width = label_width(train, tokenizer, max_length=mcfg.max_length, **model.pair_format)
     batches = [batch_at(train, tokenizer, seed=cfg.seed, step=i, batch_size=loop.batch_size,
                         n_edits=loop.n_edits, n_edits_dist=loop.n_edits_dist,
-                        loc_neighbors=loop.get("loc_neighbors", False),
+                        loc_neighbors=loop.loc_neighbors,
                         max_length=mcfg.max_length, positions_width=width,
                         **model.pair_format)
                for i in range(args.steps + args.warmup)]
