@@ -7,6 +7,7 @@ tensor or token at fault and what was expected. The types are also `ValueError`s
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 import traceback
@@ -48,6 +49,20 @@ class UnknownNameError(MendError, KeyError):
 USER_ERRORS = (MendError, FileNotFoundError, FileExistsError, ValueError)
 
 
+class MissingExtraError(MendError, ImportError):
+    """An optional dependency (a pip extra of mend-jax) is not installed."""
+
+
+def import_extra(module: str, extra: str, what: str):
+    """`module`, imported; or a one-line `MissingExtraError` naming the extra that installs it
+    (`datasets` and `matplotlib` are extras: the offline default needs neither)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingExtraError(f"{what} needs {module.split('.')[0]}, which is not installed: "
+                                f"pip install 'mend-jax[{extra}]'") from None
+
+
 def cli_main(main: Callable[[list[str]], int], argv: Sequence[str] | None = None, *,
              log_level: int = logging.INFO) -> int:
     """Run a CLI's `main(argv)`: bad input gives a one-line `error: ...` and exit code 2.
@@ -72,4 +87,5 @@ def cli_main(main: Callable[[list[str]], int], argv: Sequence[str] | None = None
 
 
 __all__ = ["USER_ERRORS", "CheckpointError", "ConfigError", "DataError", "EditError",
-           "MendError", "RunError", "UnknownNameError", "cli_main"]
+           "MendError", "MissingExtraError", "RunError", "UnknownNameError", "cli_main",
+           "import_extra"]

@@ -25,6 +25,7 @@ from mend_jax.data.batching import tokenize_pairs
 from mend_jax.data.request import EditRequest
 from mend_jax.editing import check_edit_batch, jit_edit
 from mend_jax.editors.ft import FineTune
+from mend_jax.errors import import_extra
 from mend_jax.metrics import (
     IGNORE,
     POSITIONS,
@@ -482,12 +483,17 @@ def format_by_n_edits(results_by_n: Mapping[int, Mapping[str, Mapping[str, Any]]
                          for method, metrics in results_by_n[k].items()})
 
 
+def _matplotlib() -> tuple[type, type]:
+    """(FigureCanvasAgg, Figure); matplotlib is the `plot` extra."""
+    agg = import_extra("matplotlib.backends.backend_agg", "plot", "plotting (--plot)")
+    return agg.FigureCanvasAgg, import_extra("matplotlib.figure", "plot", "plotting").Figure
+
+
 def plot_vs_n_edits(results_by_n: Mapping[int, Mapping[str, Mapping[str, Any]]],
                     path: str | Path) -> Path:
     """PNG of edit success / generality / drawdown against the number of simultaneous edits."""
     # The object-oriented API with an Agg canvas: no pyplot global state, no display needed.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    FigureCanvasAgg, Figure = _matplotlib()
 
     ns = sorted(results_by_n)
     methods = list(dict.fromkeys(m for n in ns for m in results_by_n[n]))
@@ -520,8 +526,7 @@ def plot_vs_n_edits(results_by_n: Mapping[int, Mapping[str, Mapping[str, Any]]],
 def plot_sequential(results_by_n: Mapping[int, Mapping[str, Mapping[str, Any]]],
                     path: str | Path) -> Path:
     """PNG of the retained edit success after each sequential batch, one line per method."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    FigureCanvasAgg, Figure = _matplotlib()
 
     fig = Figure(figsize=(6 * len(results_by_n), 3.6))
     FigureCanvasAgg(fig)

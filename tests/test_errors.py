@@ -22,6 +22,37 @@ from mend_jax.errors import (
 )
 
 
+def test_a_missing_extra_names_the_pip_extra(monkeypatch, tmp_path, capsys):
+    """datasets and matplotlib are extras; without them, the feature that needs one says which
+    extra installs it, in one line (the CLIs print it without a traceback)."""
+    import builtins
+
+    from mend_jax.data import load_requests
+    from mend_jax.errors import MissingExtraError
+    from mend_jax.evaluation import plot_vs_n_edits
+
+    real_import = builtins.__import__
+
+    def no_extras(name, *args, **kwargs):
+        if name.split(".")[0] in ("datasets", "matplotlib"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_extras)
+    monkeypatch.setattr("importlib.import_module",
+                        lambda name, package=None: no_extras(name, fromlist=["x"]))
+    with pytest.raises(MissingExtraError, match=r"^plotting \(--plot\) needs matplotlib, "
+                       r"which is not installed: pip install 'mend-jax\[plot\]'$"):
+        plot_vs_n_edits({1: {"mend": {}}}, tmp_path / "p.png")
+    table = tmp_path / "t.parquet"
+    table.write_bytes(b"PAR1")
+    with pytest.raises(MissingExtraError, match=rf"^{table}: reading .parquet files needs "
+                                                r"datasets, .*mend-jax\[data\]'$"):
+        load_requests(table)
+    assert cli_main(_raises(MissingExtraError("x needs datasets")), []) == 2
+    assert capsys.readouterr().err == "error: x needs datasets\n"
+
+
 def test_every_error_is_a_mend_error_under_its_old_names():
     from mend_jax import config as config_module
     from mend_jax import data, models

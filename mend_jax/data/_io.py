@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mend_jax.data.request import DataError
+from mend_jax.errors import import_extra
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ def _load_columnar(path: Path) -> Any:
     """A parquet or arrow file as a `datasets.Dataset`, or a DataError naming the file."""
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    import datasets
+    datasets = import_extra("datasets", "data", f"{path}: reading {path.suffix} files")
 
     try:
         if path.suffix == ".parquet":
