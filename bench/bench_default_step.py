@@ -36,7 +36,7 @@ def main(argv=None) -> None:
     from mend_jax.metrics import POSITIONS
     from mend_jax.models import from_config
     from mend_jax.offline import benchmark_texts, build_geonames_benchmark, build_tokenizer
-    from mend_jax.pipeline import build_editor, train_config
+    from mend_jax.pipeline import build_editor
     from mend_jax.training import MetaTrainer
 
     platform_ = common.setup_jax(args.matmul_precision)
@@ -59,7 +59,7 @@ def main(argv=None) -> None:
                                  pad_token_id=tokenizer.pad_token_id, **mcfg.build)
     model = from_config(hf, seed=0, tokenizer=tokenizer)
     editor = build_editor(cfg, model)
-    trainer = MetaTrainer(editor, train_config(cfg))
+    trainer = MetaTrainer(editor, cfg.alg.train)
     step = jax.jit(trainer.step, donate_argnums=0)
     width = label_width(train, tokenizer, max_length=mcfg.max_length, **model.pair_format)
     batches = [batch_at(train, tokenizer, seed=cfg.seed, step=i, batch_size=loop.batch_size,

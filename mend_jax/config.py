@@ -19,18 +19,19 @@ from typing import Any
 import yaml
 
 from mend_jax.errors import ConfigError
-from mend_jax.schema import RunConfig
+from mend_jax.schema import RunConfig, set_dotted
 
 # Shipped inside the package, so an installed (non-editable) mend-jax finds them too.
 CONFIG_DIR = Path(str(importlib.resources.files("mend_jax") / "configs"))
 GROUPS = ("model", "data", "alg")
 
 
-def _read(path: Path) -> dict:
+def read_mapping(path: Path) -> dict:
+    """A YAML file holding a mapping (empty: {}), or a ConfigError naming the file."""
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML ({e})") from None
+        raise ConfigError(f"{path}: invalid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data
@@ -40,23 +41,12 @@ def _choices(config_dir: Path, group: str) -> list[str]:
     return sorted(p.stem for p in (config_dir / group).glob("*.yaml"))
 
 
-def _set(cfg: dict, dotted: str, value: Any) -> None:
-    """Set a dotted key; whether the key exists is the schema's to say (with the closest keys)."""
-    keys = dotted.split(".")
-    node = cfg
-    for i, key in enumerate(keys[:-1]):
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {dotted!r}: {'.'.join(keys[:i + 1])} is not a mapping")
-    node[keys[-1]] = value
-
-
 def load_config(overrides: Sequence[str] = (),
                 config_dir: str | Path | None = None) -> RunConfig:
     """The typed config composed from the base file, the group files and the overrides
     (`+key=value` adds a key the files leave out; the schema still has to know it)."""
     config_dir = Path(config_dir) if config_dir else CONFIG_DIR
-    base = _read(config_dir / "config.yaml")
+    base = read_mapping(config_dir / "config.yaml")
     defaults = dict(base.pop("defaults", {}))
     group_picks, key_overrides = {}, []
     for item in overrides:
@@ -75,11 +65,11 @@ def load_config(overrides: Sequence[str] = (),
         path = config_dir / group / f"{name}.yaml"
         if not path.exists():
             raise ConfigError(f"{group}={name}: no {path}; choices: {_choices(config_dir, group)}")
-        cfg[group] = _read(path)
+        cfg[group] = read_mapping(path)
         cfg[group]["_name"] = name
     for key, raw in key_overrides:
         # "+key" (Hydra's "add a key") is accepted too: any key the schema knows may be set.
-        _set(cfg, key.lstrip("+"), _parse_value(raw))
+        set_dotted(cfg, key.lstrip("+"), _parse_value(raw))
     return validate_config(cfg)
 
 

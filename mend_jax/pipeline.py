@@ -18,11 +18,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import yaml
 
 from mend_jax.artifacts import save_editor
 from mend_jax.checkpoint import load_best_editor
-from mend_jax.config import validate_config
+from mend_jax.config import read_mapping, validate_config
 from mend_jax.data import EditRequest, load_requests
 from mend_jax.editors import make_editor
 from mend_jax.errors import ConfigError
@@ -41,7 +40,7 @@ from mend_jax.offline import (
 from mend_jax.runs import run_lock, write_or_check_config
 from mend_jax.schema import DTYPES as DTYPE_NAMES
 from mend_jax.schema import METHODS, TRAINED, RunConfig
-from mend_jax.training import MetaTrainer, TrainConfig
+from mend_jax.training import MetaTrainer
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +53,6 @@ class Prepared:
     tokenizer: Any
     splits: dict[str, list[EditRequest]]
     info: dict
-
-
-def _dtype(name: str):
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
-    return DTYPES[name]
 
 
 def as_config(cfg: RunConfig | dict) -> RunConfig:
@@ -107,10 +100,10 @@ def prepare(cfg: RunConfig | dict, progress: bool | None = None) -> Prepared:
                              "folder or hub name with model.name=...")
         if cfg.dtype != "float32":
             model = Model(model.arch, model.config, model.hf_config, model.module,
-                          jax.tree.map(lambda x: x.astype(_dtype(cfg.dtype)), model.params),
-                          model.tokenizer, _dtype(cfg.dtype))
+                          jax.tree.map(lambda x: x.astype(DTYPES[cfg.dtype]), model.params),
+                          model.tokenizer, DTYPES[cfg.dtype])
     else:
-        model = load_pretrained(mcfg.name, dtype=_dtype(cfg.dtype))
+        model = load_pretrained(mcfg.name, dtype=DTYPES[cfg.dtype])
         if model.targets == "token" and not model.seq2seq:
             raise ValueError(f"model.name={mcfg.name}: a {model.arch.name} masked LM; the "
                              "edit pipeline serves decoder-only and seq2seq language models and "
@@ -198,16 +191,6 @@ def _wikitext_splits(cfg: RunConfig, model: Model, tokenizer) -> dict[str, list[
 
 def inner_params(cfg: RunConfig, model: Model) -> list[str]:
     return list(cfg.model.inner_params or model.default_inner_params())
-
-
-def train_config(cfg: RunConfig) -> TrainConfig:
-    """The alg.train section (a cosine schedule's decay_steps filled in from alg.loop)."""
-    return as_config(cfg).alg.train
-
-
-def alg_method(cfg: RunConfig) -> str:
-    """The meta-trained editor of a config: `alg.method` (default mend)."""
-    return as_config(cfg).alg.method
 
 
 def build_editor(cfg: RunConfig | dict, model: Model):
@@ -351,13 +334,7 @@ def load_run(run_dir: str | Path, overrides: dict | None = None) -> tuple[RunCon
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.exists():
         raise FileNotFoundError(f"{run_dir}: no config.yaml (is this a train.py output folder?)")
-    try:
-        saved = yaml.safe_load(cfg_file.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{cfg_file}: invalid YAML ({e})".replace("\n", " ")) from None
-    if not isinstance(saved, dict):
-        raise ConfigError(f"{cfg_file}: expected a mapping at the top level")
-    cfg = validate_config(saved)
+    cfg = validate_config(read_mapping(cfg_file))
     cfg = cfg.replace(out_dir=str(run_dir), **(overrides or {}))
     prep = prepare(cfg, progress=False)
     mend = build_editor(cfg, prep.model)

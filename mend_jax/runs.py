@@ -15,9 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from mend_jax.config import dump_config
+from mend_jax.config import dump_config, read_mapping
 from mend_jax.errors import ConfigError, RunError
 from mend_jax.schema import RunConfig
 
@@ -73,7 +71,7 @@ def write_or_check_config(run_dir: str | Path, cfg: RunConfig, resume: bool) -> 
     """Write config.yaml when the run is created; on resume, refuse a different config."""
     path = Path(run_dir) / CONFIG_FILE
     if resume and path.exists():
-        saved = yaml.safe_load(path.read_text()) or {}
+        saved = read_mapping(path)
         # Both through the schema: keys a saved file leaves out compare as their defaults.
         diffs = config_differences(RunConfig.from_dict(saved).to_dict(), cfg.to_dict())
         if diffs:

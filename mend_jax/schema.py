@@ -160,11 +160,19 @@ class RunConfig:
         """A copy with dotted keys set (`cfg.replace(**{"eval.split": "val"})`), re-checked."""
         d = self.to_dict()
         for key, value in dotted.items():
-            node, parts = d, key.split(".")
-            for part in parts[:-1]:
-                node = node.setdefault(part, {})
-            node[parts[-1]] = list(value) if isinstance(value, tuple) else value
+            set_dotted(d, key, list(value) if isinstance(value, tuple) else value)
         return _parse(d)
+
+
+def set_dotted(d: dict, dotted: str, value: Any) -> None:
+    """Set `a.b.c` in a nested mapping; whether the key exists is the schema's to say."""
+    keys = dotted.split(".")
+    node = d
+    for i, key in enumerate(keys[:-1]):
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted!r}: {'.'.join(keys[:i + 1])} is not a mapping")
+    node[keys[-1]] = value
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -326,7 +334,8 @@ def _parse_alg(values: Any) -> AlgSection:
     train_kwargs = _fields(TrainConfig, _mapping(train, "alg.train"), "alg.train")
     if train_kwargs.get("lr_schedule") == "cosine" and not train_kwargs.get("decay_steps"):
         # a cosine schedule decays over the loop's optimizer updates
-        train_kwargs["decay_steps"] = -(-loop.max_steps // train_kwargs.get("accumulate", 10))
+        accumulate = train_kwargs.get("accumulate", TrainConfig.accumulate)
+        train_kwargs["decay_steps"] = -(-loop.max_steps // accumulate)
     try:
         train_cfg = TrainConfig(**train_kwargs)
     except (ValueError, TypeError) as e:

@@ -271,3 +271,21 @@ def test_fine_tuning_and_nested_batches_are_checked_too(tiny_mend):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_a_corrupt_run_config_is_one_line_naming_the_file(tmp_path, capsys):
+    from mend_jax.cli.eval import main as eval_main
+
+    (tmp_path / "config.yaml").write_text("seed: [0\nmodel: {\n")
+    assert eval_main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'config.yaml'}: invalid YAML (") and \
+        err.count("\n") == 1, err
+    from mend_jax.pipeline import load_run
+
+    with pytest.raises(ConfigError) as e:      # through the API as well: one line
+        load_run(tmp_path)
+    assert "\n" not in str(e.value) and "invalid YAML" in str(e.value)
+    (tmp_path / "config.yaml").write_text("- a list\n")
+    assert eval_main([str(tmp_path)]) == 2
+    assert "config.yaml: expected a mapping at the top level" in capsys.readouterr().err
