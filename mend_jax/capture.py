@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from mend_jax.metrics import IGNORE, logit_view, masked_nll
+from mend_jax.metrics import IGNORE, logit_view, masked_nll, shift_labels
 from mend_jax.models.common import Linear, head_at
 from mend_jax.models.model import model_inputs
 from mend_jax.models.names import EditedWeight, ParamName
@@ -84,7 +84,7 @@ def answer_mask_for(model, param: ParamName | EditedWeight,
     MALMEN), and so do a classifier's (its one label per example is read from every token)."""
     labels = batch["labels"]
     if model.shift_labels:
-        nxt = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE)], 1)
+        nxt = shift_labels(labels)
         return (nxt != IGNORE) & (batch["attention_mask"] > 0)
     labelled = "decoder" if model.seq2seq else "input"
     if model.targets != "class" and param.tokens == labelled:

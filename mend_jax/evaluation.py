@@ -33,6 +33,7 @@ from mend_jax.metrics import (
     logit_positions,
     positions_width,
     sequence_correct,
+    shift_labels,
     token_log_probs,
 )
 from mend_jax.models import model_inputs
@@ -146,7 +147,7 @@ def _paired_stats(model, base_params, new_params, rows) -> dict:
     base, _ = _as_rows(model.logits(base_params, *inputs), rows["labels"])
     post, labels = _as_rows(model.logits(new_params, *inputs), rows["labels"])
     # EasyEdit's locality: teacher-forced target positions whose argmax the edit left unchanged.
-    b, p, lab = (base[:, :-1], post[:, :-1], labels[:, 1:]) if shift else (base, post, labels)
+    b, p, lab = (base, post, shift_labels(labels)) if shift else (base, post, labels)
     counted = lab != IGNORE
     same = (jnp.argmax(b, -1) == jnp.argmax(p, -1)) & counted
     # KL(p_base ‖ p_edited) summed per row over the same mask as `metrics.locality_kl`.

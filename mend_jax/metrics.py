@@ -28,8 +28,16 @@ def _align(logits, labels, shift: bool):
                          f"{tuple(logits.shape)} (a classifier's [batch, num_labels] logits "
                          "have no next token: use shift=False)")
     if shift:
-        return logits[:, :-1], labels[:, 1:]
+        return logits, shift_labels(labels)
     return logits, labels
+
+
+def shift_labels(labels: Int[Array, "B T"]) -> jax.Array:
+    """The label each position's logits predict: labels[:, t + 1], and IGNORE at the last
+    position. Shifting the labels rather than slicing the logits keeps the logits' producer (the
+    output head) fused with the loss: XLA's CPU backward through a sliced [B, T-1, V] is about
+    twice as slow."""
+    return jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE)], 1)
 
 
 def token_log_probs(logits: Float[Array, "B T V"], labels: Int[Array, "B T"], shift: bool):

@@ -258,6 +258,39 @@ def test_whitened_lstsq_solves_with_the_running_key_second_moment(model):
         MENDConfig(whiten=True)
 
 
+def test_projected_keys_multiply_the_summed_update_by_the_damped_inverse_key_moment(model):
+    """`project_keys`: the summed update becomes s·(C + ε·s·I)⁻¹ Σ ũδ̃ᵀ with C the running
+    E[u uᵀ] of the weight's real tokens and s = tr(C)/d; a key direction common to the model's
+    inputs moves the output less than with the plain sum."""
+    from mend_jax.capture import capture
+
+    name = "transformer.h.2.mlp.c_fc.weight"
+    path = model.names.path(name)
+    b1, b2 = decoder_batch(61, [7, 4, 9]), decoder_batch(61, [6, 8], seed=4)
+    plain = MEND(model, [name], MENDConfig(norm=False, edit_lr=1.0))
+    proj = MEND(model, [name], MENDConfig(norm=False, edit_lr=1.0, project_keys=True,
+                                          project_eps=0.05))
+    state = proj.init(jax.random.key(0))
+    _, cap, _ = capture(model, model.params, b1, [name])
+    _, stats = proj.pseudo_gradients(state["params"], state["stats"], cap, train=True)
+    real = np.asarray(cap[name].token_mask) > 0
+    u = np.asarray(cap[name].layer_inputs)[real].astype(np.float64)
+    c = u.T @ u / len(u)
+    s = np.trace(c) / len(c)
+    p = s * np.linalg.inv(c + 0.05 * s * np.eye(len(c)))
+
+    frozen = {"params": state["params"], "stats": stats}
+    change = lambda ed, st: np.asarray(get_path(model.params, path)  # noqa: E731
+                                       - get_path(ed.edit(st, model.params, b2), path))
+    base = change(plain, plain.init(jax.random.key(0)))
+    got = change(proj, frozen)
+    np.testing.assert_allclose(got, p @ base, rtol=2e-3, atol=1e-4 * np.abs(p @ base).max())
+    top = np.linalg.eigh(c)[1][:, -1]           # the most common key direction
+    assert abs(top @ got).sum() < 0.5 * abs(top @ base).sum()
+    with pytest.raises(ValueError, match="project_keys"):
+        MENDConfig(project_keys=True, aggregate="lstsq")
+
+
 def test_per_request_capture_loss_makes_each_requests_delta_independent_of_k(model):
     """`capture_loss: per_request`: with an identity editor and norm off, editing k requests
     together changes the weights by the sum of their one-at-a-time changes (with the batch mean

@@ -53,6 +53,13 @@ class MENDConfig:
     # (UᵀU + e^λ C)⁻¹ UᵀV: the update is the one that moves the layer's output least on the keys
     # the model usually sees (MEMIT's covariance term). A deviation from MALMEN (λI).
     whiten: bool = False
+    # sum only, AlphaEdit's null-space idea in a soft form: the summed update Σ ũδ̃ᵀ is multiplied
+    # by P = s·(C + ε·s·I)⁻¹, C = E[u uᵀ] the keys' running second moment (as `whiten`), s its
+    # mean eigenvalue: key directions the model's usual inputs occupy are damped and rare ones
+    # (the edited subject's own) kept, so the edit moves the layer's output least on other
+    # inputs (ROME's C⁻¹k). `project_eps` bounds the gain of the rarest direction at 1/ε.
+    project_keys: bool = False
+    project_eps: float = 0.1
     # The loss whose gradient δ is captured: "batch_mean" (the reference: the mean NLL over all
     # target tokens of the k requests, so each request's δ shrinks as 1/k) or "per_request" (the
     # sum over requests of each one's mean NLL: a request's δ is the same whatever k, as with
@@ -81,6 +88,10 @@ class MENDConfig:
                              f"{self.capture_loss!r}")
         if self.whiten and self.aggregate != "lstsq":
             raise ValueError("whiten needs aggregate: lstsq")
+        if self.project_keys and self.aggregate != "sum":
+            raise ValueError("project_keys needs aggregate: sum (lstsq has whiten)")
+        if not self.project_eps > 0:
+            raise ValueError(f"project_eps must be > 0, got {self.project_eps!r}")
         if self.chunk_tokens is not None and (isinstance(self.chunk_tokens, bool)
                                               or not isinstance(self.chunk_tokens, int)
                                               or self.chunk_tokens < 1):
@@ -226,6 +237,16 @@ def whitening_matrix(acc: dict, eps: float = 1e-3) -> jax.Array:
     return jnp.where(acc["count"] > 0, c + eps * scale * eye, eye)
 
 
+def key_projection(acc: dict, eps: float) -> jax.Array:
+    """P = s·(C + ε·s·I)⁻¹ (s = mean(diag C)); the identity before any token was seen."""
+    c = acc["mean_uu"]
+    d = c.shape[0]
+    s = jnp.maximum(jnp.trace(c) / d, 1e-12)
+    eye = jnp.eye(d, dtype=c.dtype)
+    p = _spd_solve(c / s + eps * eye, eye)
+    return jnp.where(acc["count"] > 0, 0.5 * (p + p.T), eye)
+
+
 def _standardise(x, mean, m2, count, eps):
     std = jnp.where(count > 1, jnp.sqrt(m2 / jnp.maximum(count - 1, 1.0)), 1.0)
     return (x - mean) / (std + eps)
@@ -321,7 +342,7 @@ class MEND:
         if cfg.aggregate == "lstsq":
             params["log_lambdas"] = {n: jnp.asarray(cfg.init_log_lambda, jnp.float32)
                                      for n in lay.inner_params}
-        if cfg.whiten:
+        if cfg.whiten or cfg.project_keys:
             stats["second_moments"] = {
                 n.replace(".", "_"): {"count": jnp.zeros((), jnp.float32),
                                       "mean_uu": jnp.zeros((d_in, d_in), jnp.float32)}
@@ -439,7 +460,7 @@ class MEND:
         out = {**stats, group: update_stats(stats[group],
                                             jax.lax.stop_gradient(cap.layer_inputs),
                                             jax.lax.stop_gradient(cap.output_grads), mask)}
-        if self.config.whiten:
+        if self.config.whiten or self.config.project_keys:
             key = name.replace(".", "_")
             out["second_moments"] = {**stats["second_moments"], key: update_second_moment(
                 stats["second_moments"][key], cap.layer_inputs.astype(jnp.float32),
@@ -490,6 +511,9 @@ class MEND:
                 agg = ridge_solve(keys, values, jnp.exp(params["log_lambdas"][name]), reg)
             else:
                 agg = pseudo_gradient(*transformed[name])
+            if cfg.project_keys:
+                agg = key_projection(stats["second_moments"][name.replace(".", "_")],
+                                     cfg.project_eps) @ agg
             updates[name] = params["edit_lrs"][name] * agg
         return updates, stats
 

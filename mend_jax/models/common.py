@@ -16,6 +16,12 @@ import jax
 import jax.numpy as jnp
 
 
+def _flat_dot(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., i] @ w [i, o] as one 2-D matmul: XLA's CPU backend runs the backward pass of a
+    dot whose contraction spans several leading axes about 3x slower than the flattened one."""
+    return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
+
+
 class Linear(nn.Module):
     """y = x @ kernel (+ bias); kernel [d_in, d_out]. The unit of gradient capture and editing."""
 
@@ -28,7 +34,7 @@ class Linear(nn.Module):
         kernel = self.param(
             "kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features), self.dtype
         )
-        y = jnp.einsum("...i,io->...o", x.astype(kernel.dtype), kernel)
+        y = _flat_dot(x.astype(kernel.dtype), kernel)
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
             y = y + bias
@@ -52,7 +58,7 @@ class Embed(nn.Module):
         return jnp.take(self.embedding, ids, axis=0)
 
     def attend(self, x: jax.Array) -> jax.Array:
-        return jnp.einsum("...d,vd->...v", x, self.embedding.astype(x.dtype))
+        return _flat_dot(x, self.embedding.astype(x.dtype).T)
 
 
 class TiedHead(nn.Module):
@@ -61,7 +67,7 @@ class TiedHead(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, table: jax.Array) -> jax.Array:
-        return jnp.einsum("...d,vd->...v", x, table.astype(x.dtype))
+        return _flat_dot(x, table.astype(x.dtype).T)
 
 
 def _is_head(module: nn.Module, method: str) -> bool:
