@@ -52,6 +52,13 @@ def test_bench_logit_positions_runs():
     assert "| labelled positions only" in out and "| every position" in out
 
 
+@pytest.mark.slow  # a subprocess, four compilations
+def test_bench_flat_dot_runs():
+    out = run_bench("bench_flat_dot.py")
+    assert "pretraining step" in out and "forward + backward" in out
+    assert "einsum / flat" in out
+
+
 @pytest.mark.slow  # builds the default benchmark and tokenizer, two compilations
 def test_bench_default_step_runs():
     out = run_bench("bench_default_step.py")

@@ -278,6 +278,10 @@ def test_projected_keys_multiply_the_summed_update_by_the_damped_inverse_key_mom
     c = u.T @ u / len(u)
     s = np.trace(c) / len(c)
     p = s * np.linalg.inv(c + 0.05 * s * np.eye(len(c)))
+    k0 = u.T                                   # the keys as columns: the soft projector off
+    soft = np.eye(len(c)) - k0 @ np.linalg.solve(k0.T @ k0 + 0.05 * s * len(u) * np.eye(len(u)),
+                                                 k0.T)
+    np.testing.assert_allclose(p, soft / 0.05, rtol=1e-6, atol=1e-8)
 
     frozen = {"params": state["params"], "stats": stats}
     change = lambda ed, st: np.asarray(get_path(model.params, path)  # noqa: E731

@@ -53,11 +53,11 @@ class MENDConfig:
     # (UᵀU + e^λ C)⁻¹ UᵀV: the update is the one that moves the layer's output least on the keys
     # the model usually sees (MEMIT's covariance term). A deviation from MALMEN (λI).
     whiten: bool = False
-    # sum only, AlphaEdit's null-space idea in a soft form: the summed update Σ ũδ̃ᵀ is multiplied
-    # by P = s·(C + ε·s·I)⁻¹, C = E[u uᵀ] the keys' running second moment (as `whiten`), s its
-    # mean eigenvalue: key directions the model's usual inputs occupy are damped and rare ones
-    # (the edited subject's own) kept, so the edit moves the layer's output least on other
-    # inputs (ROME's C⁻¹k). `project_eps` bounds the gain of the rarest direction at 1/ε.
+    # sum only, AlphaEdit's null-space projection in its soft form: the summed update Σ ũδ̃ᵀ is
+    # multiplied by P = s·(C + ε·s·I)⁻¹, C = E[u uᵀ] the keys' running second moment (as
+    # `whiten`), s its mean eigenvalue. That is (I − K₀(K₀ᵀK₀ + ε′I)⁻¹K₀ᵀ)/ε for the n keys K₀
+    # (columns) with ε′ = ε·s·n: key directions the model's usual inputs occupy are damped
+    # (towards ROME's C⁻¹k), rare ones (the edited subject's own) pass with gain up to 1/ε.
     project_keys: bool = False
     project_eps: float = 0.1
     # The loss whose gradient δ is captured: "batch_mean" (the reference: the mean NLL over all
