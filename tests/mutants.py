@@ -70,6 +70,12 @@ MUTANTS = [
      ["tests/test_runs.py"]),
     ("mend_jax/runs.py", "    if resume and path.exists():", "    if False:",
      ["tests/test_runs.py"]),
+    ("mend_jax/editors/mend.py", "solved = _spd_solve(c / s + eps * eye, update)",
+     "solved = update",
+     ["tests/test_editor.py", "-k", "projected_keys"]),
+    ("mend_jax/metrics.py",
+     "return jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE)], 1)",
+     "return labels", ["tests/test_metrics.py"]),
 ]
 
 

@@ -239,12 +239,19 @@ def whitening_matrix(acc: dict, eps: float = 1e-3) -> jax.Array:
 
 def key_projection(acc: dict, eps: float) -> jax.Array:
     """P = s·(C + ε·s·I)⁻¹ (s = mean(diag C)); the identity before any token was seen."""
+    d = acc["mean_uu"].shape[0]
+    return project_keys(acc, jnp.eye(d, dtype=jnp.float32), eps)
+
+
+def project_keys(acc: dict, update: jax.Array, eps: float) -> jax.Array:
+    """P·update for P = `key_projection(acc, eps)`, by one Cholesky solve against the update's
+    columns (P itself is never formed)."""
     c = acc["mean_uu"]
     d = c.shape[0]
     s = jnp.maximum(jnp.trace(c) / d, 1e-12)
     eye = jnp.eye(d, dtype=c.dtype)
-    p = _spd_solve(c / s + eps * eye, eye)
-    return jnp.where(acc["count"] > 0, 0.5 * (p + p.T), eye)
+    solved = _spd_solve(c / s + eps * eye, update)
+    return jnp.where(acc["count"] > 0, solved, update)
 
 
 def _standardise(x, mean, m2, count, eps):
@@ -512,8 +519,8 @@ class MEND:
             else:
                 agg = pseudo_gradient(*transformed[name])
             if cfg.project_keys:
-                agg = key_projection(stats["second_moments"][name.replace(".", "_")],
-                                     cfg.project_eps) @ agg
+                agg = project_keys(stats["second_moments"][name.replace(".", "_")], agg,
+                                   cfg.project_eps)
             updates[name] = params["edit_lrs"][name] * agg
         return updates, stats
 
