@@ -391,9 +391,10 @@ def test_chunked_editor_equals_one_pass_with_its_gradient(model, opts, request):
     from mend_jax.capture import capture
 
     if opts.get("whiten"):
-        # Float32 rounding, amplified by the whitened solve, is the whole difference here: 5e-3
-        # holds for these weights and the optimised code's summation order (3.2e-3; 1.1e-2 at
-        # -O0), so this case compiles optimised
+        # Float32 rounding, amplified by the whitened solve, is the whole difference here: 2e-2
+        # holds for these weights and the optimised code's summation order (3.2e-3 before the
+        # layers became one 2-D matmul, 1.1e-2 since: the captured u and δ round differently),
+        # so this case compiles optimised
         request.getfixturevalue("full_xla_optimizations")
 
     batch = decoder_batch(61, [7, 4, 9, 5, 6])  # 5 rows x 8 positions = 40 token rows
@@ -418,8 +419,8 @@ def test_chunked_editor_equals_one_pass_with_its_gradient(model, opts, request):
     (v2, (u2, s2)), g2 = jax.value_and_grad(lambda p: run(chunked, p), has_aux=True)(params)
     # float32 sums in another order. With whitening (96-wide keys, 40 tokens: C is singular
     # but for its ε·I term) the solve amplifies them; λ = e³ keeps it conditioned enough for
-    # 5e-3, where a wrong or unmasked chunk is off by O(1)
-    tol = 5e-3 if opts.get("whiten") else 2e-4
+    # 2e-2, where a wrong or unmasked chunk is off by O(1)
+    tol = 2e-2 if opts.get("whiten") else 2e-4
     for n in names:
         assert np.abs(np.asarray(u1[n])).max() > 0
         np.testing.assert_allclose(np.asarray(u2[n]), np.asarray(u1[n]), rtol=tol,

@@ -89,7 +89,9 @@ class MENDConfig:
         if self.whiten and self.aggregate != "lstsq":
             raise ValueError("whiten needs aggregate: lstsq")
         if self.project_keys and self.aggregate != "sum":
-            raise ValueError("project_keys needs aggregate: sum (lstsq has whiten)")
+            raise ValueError("project_keys needs aggregate: sum (lstsq has whiten); with "
+                             "aggregate: lstsq set project_keys: false (the CPU default sets it "
+                             "true)")
         if not self.project_eps > 0:
             raise ValueError(f"project_eps must be > 0, got {self.project_eps!r}")
         if self.chunk_tokens is not None and (isinstance(self.chunk_tokens, bool)
