@@ -34,6 +34,11 @@ if str(REPO) not in sys.path:  # the benches run from a checkout, mend_jax need 
 # demand instead (read when jax's GPU backend starts, so it must be set before that; the workers
 # measuring memory get it forced by `run_worker`).
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# On CPU, JAX's LAPACK calls (Cholesky solves) go through SciPy's OpenBLAS, whose thread pool
+# competes with XLA's for the cores (the default's step: 63 ms with the key projection, 35 ms with
+# one OpenBLAS thread). One thread, as the command-line tools set it (`mend_jax/cli/__init__.py`);
+# PyTorch's CPU build uses MKL and is not affected.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 # ----------------------------------------------------------------------------- arguments

@@ -10,6 +10,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # worker already compile) no value compared here changes beyond float rounding. Subprocesses
 # inherit it; JAX_DISABLE_MOST_OPTIMIZATIONS=0 runs the suite fully optimised.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# pytest-xdist runs a worker per core: OpenBLAS threads (JAX's LAPACK calls) would oversubscribe
+# them, as the command-line tools avoid (mend_jax/cli/__init__.py).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import contextlib  # noqa: E402
 import logging  # noqa: E402

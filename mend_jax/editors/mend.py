@@ -246,13 +246,11 @@ def key_projection(acc: dict, eps: float) -> jax.Array:
 
 
 def project_keys(acc: dict, update: jax.Array, eps: float) -> jax.Array:
-    """P·update for P = `key_projection(acc, eps)`, by one Cholesky solve against the update's
-    columns (P itself is never formed)."""
+    """P·update for P = `key_projection(acc, eps)` = s·(C + ε·s·I)⁻¹ = (`whitening_matrix` / s)⁻¹,
+    by one Cholesky solve against the update's columns (P itself is never formed)."""
     c = acc["mean_uu"]
-    d = c.shape[0]
-    s = jnp.maximum(jnp.trace(c) / d, 1e-12)
-    eye = jnp.eye(d, dtype=c.dtype)
-    solved = _spd_solve(c / s + eps * eye, update)
+    s = jnp.maximum(jnp.trace(c) / c.shape[0], 1e-12)
+    solved = _spd_solve(whitening_matrix(acc, eps) / s, update)
     return jnp.where(acc["count"] > 0, solved, update)
 
 
