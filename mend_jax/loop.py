@@ -235,16 +235,22 @@ def train_editor(trainer: MetaTrainer, model_params, train_requests, val_request
     stopped_early = False
     # Training time so far: a resumed run adds its own to what its checkpoint recorded.
     t0 = time.time() - book.get("train_time_s", 0.0)
+    skipped_before, logged_at = int(state["n_skipped"]), start
     for step in bar:
         batch = batch_at(train_requests, tokenizer, seed=seed, step=step,
                          batch_size=cfg.batch_size, n_edits=cfg.n_edits, **pair_format,
                          max_length=max_length, loc_neighbors=cfg.loc_neighbors,
                          n_edits_dist=cfg.n_edits_dist, positions_width=width)
+        # No value is read back between logging steps, so the host builds the next batch
+        # while the device runs this step (JAX dispatches asynchronously).
         state, metrics = step_fn(state, model_params, batch)
         book["step"] = step + 1
-        if float(metrics["skipped"]):
-            log.warning("step %d: non-finite loss or gradient, update skipped", step)
         if step % cfg.log_every == 0 or step + 1 == cfg.max_steps:
+            n_skipped = int(state["n_skipped"])
+            if n_skipped > skipped_before:
+                log.warning("steps %d-%d: %d update(s) skipped (non-finite loss or gradient)",
+                            logged_at, step, n_skipped - skipped_before)
+            skipped_before, logged_at = n_skipped, step + 1
             m = {k: float(v) for k, v in metrics.items()}
             for k, v in m.items():
                 writer.add_scalar(f"train/{k}", v, step)

@@ -59,10 +59,12 @@ def test_bench_flat_dot_runs():
     assert "einsum / flat" in out
 
 
-@pytest.mark.slow  # builds the default benchmark and tokenizer, two compilations
-def test_bench_default_step_runs():
-    out = run_bench("bench_default_step.py")
-    assert "| every position" in out and "the loss after the last step agrees" in out
+@pytest.mark.slow  # builds the default benchmark and tokenizer, one or two compilations each
+@pytest.mark.parametrize("compare,row", [("logits", "| every position"),
+                                         ("lapack-threads", "OpenBLAS threads (one per core)")])
+def test_bench_default_step_runs(compare, row):
+    out = run_bench("bench_default_step.py", "--compare", compare)
+    assert row in out and "the loss after the last step agrees" in out
     assert "DIFFERENT" not in out  # the two steps' losses agree
 
 
