@@ -150,7 +150,9 @@ def _compare_lapack_threads(args) -> None:
              f"each setting in its own process (`OPENBLAS_NUM_THREADS`), one after the other, "
              f"{args.steps} steps after {args.warmup} warm-up steps on the same batches "
              "(first_call_s includes compilation).",
-             _ratio_note(a, ra["times"], ra["loss"], b, rb["times"], rb["loss"], np)]
+             # OpenBLAS's Cholesky rounds differently with another thread count, so the two
+             # runs drift apart over the steps (measured: 0.2% in the loss after 23 steps)
+             _ratio_note(a, ra["times"], ra["loss"], b, rb["times"], rb["loss"], np, rtol=1e-2)]
     _report(args, rows, notes)
 
 
@@ -163,11 +165,11 @@ def _config_note(args, cfg, tokenizer, platform_) -> str:
             f"project_keys {cfg.alg.editor.project_keys}; random weights; device {platform_}.")
 
 
-def _ratio_note(a, ta, loss_a, b, tb, loss_b, np) -> str:
+def _ratio_note(a, ta, loss_a, b, tb, loss_b, np, rtol: float = 1e-4) -> str:
     ratio = common.median(tb) / common.median(ta)
-    same = np.isclose(loss_a, loss_b, rtol=1e-4)
+    same = np.isclose(loss_a, loss_b, rtol=rtol)
     return (f"{b} / {a} = {ratio:.2f}x; the loss after the last step agrees ({loss_a:.6f} vs "
-            f"{loss_b:.6f}: {'equal' if same else 'DIFFERENT'} to 1e-4).")
+            f"{loss_b:.6f}: {'equal' if same else 'DIFFERENT'} to {rtol:g}).")
 
 
 def _report(args, rows, notes) -> None:

@@ -70,12 +70,15 @@ MUTANTS = [
      ["tests/test_runs.py"]),
     ("mend_jax/runs.py", "    if resume and path.exists():", "    if False:",
      ["tests/test_runs.py"]),
-    ("mend_jax/editors/mend.py", "solved = _spd_solve(c / s + eps * eye, update)",
+    ("mend_jax/editors/mend.py", "solved = _spd_solve(whitening_matrix(acc, eps) / s, update)",
      "solved = update",
      ["tests/test_editor.py", "-k", "projected_keys"]),
     ("mend_jax/metrics.py",
      "return jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE)], 1)",
      "return labels", ["tests/test_metrics.py"]),
+    ("mend_jax/cli/__init__.py", 'os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")',
+     'os.environ.setdefault("OPENBLAS_NUM_THREAD", "1")',
+     ["tests/test_errors.py", "-k", "openblas"]),
 ]
 
 
