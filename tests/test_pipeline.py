@@ -282,14 +282,16 @@ def test_resume_logs_to_stderr_and_accumulates_train_time(trained_run, capfd):
 
 def test_the_batched_config_is_the_measured_override_set():
     """`alg=mend_batched` is exactly the override set whose results the README quotes (on
-    the default of the time: no key projection, checkpoint of lowest edit loss)."""
+    the default of the time: no key projection, checkpoint of lowest edit loss; the preset
+    keeps the schema's project_eps, unused without the projection)."""
     import dataclasses
 
     from mend_jax.config import load_config
 
     measured = load_config([
-        "alg.editor.project_keys=false", "alg.loop.select_on=edit_loss",
-        "alg.editor.aggregate=lstsq", "alg.editor.tokens=answer", "alg.editor.whiten=true",
+        "alg.editor.project_keys=false", "alg.editor.project_eps=0.1",
+        "alg.loop.select_on=edit_loss", "alg.editor.aggregate=lstsq",
+        "alg.editor.tokens=answer", "alg.editor.whiten=true",
         "alg.editor.capture_loss=per_request", "alg.editor.init_log_lambda=4.6",
         "alg.loop.n_edits=100", "alg.loop.n_edits_dist=log_uniform", "alg.loop.max_steps=3000",
         "alg.loop.val_every=500", "alg.loop.val_batches=20"])
