@@ -17,6 +17,7 @@ the default benchmark's training split and BPE tokenizer. Usage:
 
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
 import time
@@ -31,7 +32,7 @@ def main(argv=None) -> None:
     p.add_argument("--compare", choices=["logits", "lapack-threads"], default="logits",
                    help="labelled-position vs full logits, or one vs one-per-core OpenBLAS "
                         "threads (a process each)")
-    p.add_argument("--worker", action="store_true", help=argparse_hidden())
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.small:
         args.override = ["data.n_val=20", "data.n_test=20",
@@ -177,12 +178,6 @@ def _report(args, rows, notes) -> None:
                                          "first_call_s", "load1"])
     common.report("The offline default's meta-training step", table, notes,
                   record=not args.no_record)
-
-
-def argparse_hidden():
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":
