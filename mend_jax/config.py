@@ -69,11 +69,12 @@ def load_config(overrides: Sequence[str] = (),
         cfg[group]["_name"] = name
     for key, raw in key_overrides:
         # "+key" (Hydra's "add a key") is accepted too: any key the schema knows may be set.
-        set_dotted(cfg, key.lstrip("+"), _parse_value(raw))
+        set_dotted(cfg, key.lstrip("+"), parse_value(raw))
     return validate_config(cfg)
 
 
-def _parse_value(raw: str) -> Any:
+def parse_value(raw: str) -> Any:
+    """A command-line value as YAML reads it (`1e-2` and `3e-5` are numbers)."""
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:

@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -253,6 +253,9 @@ def evaluate_all(cfg: RunConfig | dict, prep: Prepared, mend, editor_state: dict
                 model, editor, state, model.params, requests, prep.tokenizer, n_edits=n_edits,
                 max_length=cfg.model.max_length, seed=cfg.seed, progress=progress,
                 perplexity=cfg.data.format == "wikitext")
+        if method not in TRAINED and method != "untrained" and is_dataclass(editor.config):
+            # the baseline's options, so that a result says which step size etc. it measured
+            results[method]["options"] = asdict(editor.config)
         log.info("%s evaluated in %.1fs", method, time.time() - t)
     return results
 

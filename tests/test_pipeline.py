@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,6 +87,30 @@ def test_eval_cli_on_a_data_file(trained_run):
     assert eval_cli.main([str(run_dir), "--data", str(data_file), "--format", "counterfact",
                           "--methods", "mend", "--max-examples", "4", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["mend"]["n_examples"] == 4
+
+
+@pytest.mark.slow
+def test_eval_cli_sets_the_baselines_options(trained_run):
+    import eval as eval_cli
+
+    run_dir, _ = trained_run
+    runs = {}
+    for name, extra in (("default", []), ("set", ["--set", "alg.baselines.ultraedit.lr=0.5",
+                                                   "alg.baselines.ft.steps=2"])):
+        out = run_dir / f"eval_{name}.json"
+        assert eval_cli.main([str(run_dir), "--methods", "ultraedit", "ft", "--out", str(out),
+                              *extra]) == 0
+        runs[name] = json.loads(out.read_text())
+    assert runs["default"]["ultraedit"]["options"]["lr"] == 1e-4
+    assert runs["set"]["ultraedit"]["options"]["lr"] == 0.5
+    assert runs["set"]["ft"]["options"]["steps"] == 2
+    assert runs["set"]["ft"]["options"]["lr"] == runs["default"]["ft"]["options"]["lr"]
+    # the options are used, not only recorded: a 5000x step moves the model further
+    assert (runs["set"]["ultraedit"]["locality_kl"]
+            > runs["default"]["ultraedit"]["locality_kl"] + 1e-6)
+    # the run's own config is unchanged
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["alg"]["baselines"]["ultraedit"]["lr"] == 1e-4
 
 
 @pytest.mark.slow

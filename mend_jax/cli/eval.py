@@ -6,6 +6,8 @@
                                                     # lifelong: 10 batches of 100, one after
                                                     # another; retained ES after each batch
     mend-eval runs/default --data path.json --format counterfact
+    mend-eval runs/default --methods ultraedit --set alg.baselines.ultraedit.lr=1e-2
+                                                    # a baseline's options, set for this run
     mend-eval --editor runs/default/editor --model runs/default/base_model --data path.json
 """
 
@@ -16,9 +18,10 @@ import jax
 
 from mend_jax.artifacts import editor_kind
 from mend_jax.cli.common import add_source_args, load_source, positive_int
+from mend_jax.config import load_config, parse_value
 from mend_jax.data import load_requests
 from mend_jax.editors import make_editor
-from mend_jax.errors import cli_main
+from mend_jax.errors import ConfigError, cli_main
 from mend_jax.evaluation import (
     evaluate_editor,
     evaluate_sequential,
@@ -58,6 +61,28 @@ def _evaluate_editor_folder(src, requests, methods, n_edits: int, max_length: in
     return results
 
 
+def _baseline_settings(p: argparse.ArgumentParser, args) -> dict:
+    """`--set KEY=VALUE` as {dotted key: parsed value}; only the baselines' options can change
+    after training, and only a run folder has a config to change."""
+    if args.settings and args.run_dir is None:
+        p.error("--set needs a run folder (an editor folder has no baseline config)")
+    settings = {}
+    for item in args.settings:
+        key, sep, raw = item.partition("=")
+        if not sep or not raw:
+            p.error(f"--set {item!r}: expected KEY=VALUE")
+        if not key.startswith("alg.baselines."):
+            p.error(f"--set {key}: only the baselines' options (alg.baselines.<method>.<key>) "
+                    "can be set at evaluation; the editor is as the run trained it")
+        settings[key] = parse_value(raw)
+    if settings:  # checked against the schema before a run is loaded
+        try:
+            load_config(args.settings)
+        except ConfigError as e:
+            p.error(f"--set: {e}")
+    return settings
+
+
 def main(argv=None) -> int:
     return cli_main(run, argv)
 
@@ -76,6 +101,10 @@ def run(argv) -> int:
     p.add_argument("--sequential", type=positive_int, default=None, metavar="T",
                    help="lifelong editing: T batches of --n-edits edits, each applied to the "
                         "model the previous one produced; reports what is retained at the end")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="settings",
+                   help="with a run folder: override the baselines' options for this "
+                        "evaluation (keys under alg.baselines., e.g. "
+                        "alg.baselines.ultraedit.lr=1e-2); the trained editor is as trained")
     p.add_argument("--max-examples", type=positive_int, default=None)
     p.add_argument("--max-length", type=positive_int, default=None,
                    help="with --editor: token length of a row (default: the editor's)")
@@ -91,6 +120,7 @@ def run(argv) -> int:
         p.error(f"--out {args.out} is a folder; expected a .json file to write")
     if args.out:  # before the evaluation, not after it: a bad --out fails at once
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    settings = _baseline_settings(p, args)
     cfg, prep, src = load_source(p, args)
     requests = load_requests(args.data, args.format) if args.data else None
     if cfg is not None:
@@ -98,6 +128,8 @@ def run(argv) -> int:
             cfg = cfg.replace(**{"eval.split": args.split})
         if args.max_examples:
             cfg = cfg.replace(**{"eval.max_examples": args.max_examples})
+        if settings:
+            cfg = cfg.replace(**settings)
     elif args.max_examples:
         requests = requests[: args.max_examples]
     by_n = {}
