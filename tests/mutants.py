@@ -79,6 +79,8 @@ MUTANTS = [
     ("mend_jax/cli/__init__.py", 'os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")',
      'os.environ.setdefault("OPENBLAS_NUM_THREAD", "1")',
      ["tests/test_errors.py", "-k", "openblas"]),
+    ("mend_jax/cli/eval.py", "cfg = cfg.replace(**settings)", "cfg = cfg",
+     ["tests/test_pipeline.py", "-m", "slow", "-k", "sets_the_baselines"]),
 ]
 
 
