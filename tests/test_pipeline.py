@@ -95,8 +95,9 @@ def test_eval_cli_sets_the_baselines_options(trained_run):
 
     run_dir, _ = trained_run
     runs = {}
+    # two --set flags: both count (the second does not replace the first)
     for name, extra in (("default", []), ("set", ["--set", "alg.baselines.ultraedit.lr=0.5",
-                                                   "alg.baselines.ft.steps=2"])):
+                                                   "--set", "alg.baselines.ft.steps=2"])):
         out = run_dir / f"eval_{name}.json"
         assert eval_cli.main([str(run_dir), "--methods", "ultraedit", "ft", "--out", str(out),
                               *extra]) == 0

@@ -101,7 +101,8 @@ def run(argv) -> int:
     p.add_argument("--sequential", type=positive_int, default=None, metavar="T",
                    help="lifelong editing: T batches of --n-edits edits, each applied to the "
                         "model the previous one produced; reports what is retained at the end")
-    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="settings",
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   dest="settings",
                    help="with a run folder: override the baselines' options for this "
                         "evaluation (keys under alg.baselines., e.g. "
                         "alg.baselines.ultraedit.lr=1e-2); the trained editor is as trained")
