@@ -107,9 +107,10 @@ def main(argv=None) -> None:
     table = common.markdown_table(rows, ["k", "lr", "lam", "edit_success", "generality",
                                          "drawdown", "locality_kl", "neighborhood_acc"])
     build = cfg.model.build
-    notes = [f"base model: the offline default's ({build}), its 6 edited MLP weights; C from "
-             f"{count} tokens of the training split; test split ({len(prep.splits['test'])} "
-             "requests), groups of k edited together from the base weights."]
+    notes = [f"base model: the offline default's ({build}), its {len(names)} edited weights "
+             f"({', '.join(names)}); C from {count} tokens of the training split; test split "
+             f"({len(prep.splits['test'])} requests), groups of k edited together from the base "
+             "weights."]
     common.report("One-step whitened least-squares edits (training-free capacity probe)", table,
                   notes, record=not args.no_record)
 

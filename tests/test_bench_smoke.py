@@ -88,6 +88,18 @@ def test_bench_many_edits_runs():
     assert "4_single_calls_s" in out and "lstsq_whiten" in out
 
 
+@pytest.mark.slow  # a subprocess, a dozen compilations (no execution but one matmul)
+def test_flop_bounds_runs():
+    out = run_bench("flop_bounds.py", "--edits", "2", "--many", "8")
+    rows = {ln.split("|")[1].strip(): ln.split("|")[2:-1] for ln in out.splitlines()
+            if ln.startswith("| ") and "program" not in ln}
+    gpt2 = rows["gpt2 (tiny), 2 edit(s) of 16 tokens"]
+    edit, cap, nets = (float(x) for x in gpt2[:3])
+    assert abs(edit - (cap + nets)) < 0.1 * edit  # the edit is its capture plus its editor
+    pooled = rows["offline default's shape, 8 edits in one call, sum"]
+    assert 0.8 < float(pooled[4]) < 1.2  # pooling k edits does k single edits' arithmetic
+
+
 @pytest.mark.slow  # one subprocess and compilation per device count
 def test_bench_scaling_runs():
     out = run_bench("bench_scaling.py", "--devices", "2")  # 1..8 devices: tests/test_sharding.py
