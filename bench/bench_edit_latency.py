@@ -33,7 +33,7 @@ def main(argv=None) -> None:
     from mend_jax.editing import jit_edit
     from mend_jax.editors import MEND, MENDConfig
     from mend_jax.metrics import masked_nll
-    from mend_jax.models import from_config, get_path, model_inputs, set_path
+    from mend_jax.models import from_config, get_path, model_inputs
 
     seq = args.seq or 16
     cfg = common.hf_config(args.model, args.small)
@@ -48,14 +48,7 @@ def main(argv=None) -> None:
     def nll(p, batch):
         return masked_nll(model.logits(p, *model_inputs(batch)), batch["labels"], shift)
 
-    def grad_inner(params, batch):
-        def loss(weights):
-            p = params
-            for path, w in zip(paths, weights):
-                p = set_path(p, path, w)
-            return nll(p, batch)
-
-        return jax.value_and_grad(loss)([get_path(params, path) for path in paths])
+    grad_inner = common.inner_grad_fn(model, paths)
 
     def edited_weights(s, p, b):
         new = editor.edit(s, p, b)

@@ -20,6 +20,41 @@ INNER = [f"transformer.h.{i}.mlp.{w}.weight" for i in (1, 2, 3) for w in ("c_fc"
 SEQ, TARGET = 16, 2
 
 
+def default_shape_model():
+    """A randomly initialised model of the offline default's shape (GEO_TINY)."""
+    import transformers
+
+    from mend_jax.models import from_config
+
+    cfg = transformers.GPT2Config(**GEO_TINY, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                  bos_token_id=0, eos_token_id=0)
+    return from_config(cfg, seed=0)
+
+
+def request_batch(k: int, vocab: int) -> dict:
+    """k random edit requests of SEQ tokens, labelled on the last TARGET (the same for every k
+    from the same seed)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    ids = np.random.default_rng(0).integers(1, vocab, (k, SEQ)).astype(np.int32)
+    labels = np.full_like(ids, -100)
+    labels[:, -TARGET:] = ids[:, -TARGET:]
+    return {"input_ids": jnp.asarray(ids), "attention_mask": jnp.ones_like(jnp.asarray(ids)),
+            "labels": jnp.asarray(labels)}
+
+
+def aggregate_variants() -> dict:
+    """The editor configurations the rows compare, by name."""
+    from mend_jax.editors import MENDConfig
+
+    return {
+        "sum": MENDConfig(),
+        "lstsq": MENDConfig(aggregate="lstsq", tokens="answer"),
+        "lstsq_whiten": MENDConfig(aggregate="lstsq", tokens="answer", whiten=True),
+    }
+
+
 def main(argv=None) -> None:
     p = common.base_parser(__doc__.splitlines()[0])
     p.add_argument("--edits", type=int, default=1000, help="k: edits in the one batched call")
@@ -31,36 +66,22 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import transformers
 
     common.setup_jax(args.matmul_precision)
-    from mend_jax.editors import MEND, MENDConfig
-    from mend_jax.models import from_config, get_path
+    from mend_jax.editors import MEND
+    from mend_jax.models import get_path
 
-    cfg = transformers.GPT2Config(**GEO_TINY, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                  bos_token_id=0, eos_token_id=0)
-    model = from_config(cfg, seed=0)
+    model = default_shape_model()
     params = model.params
     k = args.edits
-    rng = np.random.default_rng(0)
-    ids = rng.integers(1, cfg.vocab_size, (k, SEQ)).astype(np.int32)
-    labels = np.full_like(ids, -100)
-    labels[:, -TARGET:] = ids[:, -TARGET:]
-    batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.ones_like(jnp.asarray(ids)),
-             "labels": jnp.asarray(labels)}
+    batch = request_batch(k, model.config.vocab_size)
     paths = [model.names.path(n) for n in INNER]
 
     def weights_only(editor):
         # the edited weights alone: the comparison is the editing, not copying the tree
         return jax.jit(lambda s, p, b: [get_path(editor.edit(s, p, b), q) for q in paths])
 
-    variants = {
-        "sum": MENDConfig(),
-        "lstsq": MENDConfig(aggregate="lstsq", tokens="answer"),
-        "lstsq_whiten": MENDConfig(aggregate="lstsq", tokens="answer", whiten=True),
-    }
+    variants = aggregate_variants()
     chosen = args.aggregates.split(",")
     unknown = sorted(set(chosen) - set(variants))
     if unknown:

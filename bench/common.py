@@ -211,6 +211,27 @@ def meta_batch(model: str, vocab: int, n_edit: int, n_loc: int, small: bool,
     return {"edit_inner": inner, "edit_outer": outer, "loc": loc}
 
 
+def inner_grad_fn(model, paths):
+    """(params, batch) -> (NLL, [its gradients w.r.t. the weights at `paths`]): the forward +
+    backward of the edited weights alone, the floor the edit benchmarks compare with."""
+    import jax
+
+    from mend_jax.metrics import masked_nll
+    from mend_jax.models import get_path, model_inputs, set_path
+
+    def grad_inner(params, batch):
+        def loss(weights):
+            p = params
+            for path, w in zip(paths, weights):
+                p = set_path(p, path, w)
+            return masked_nll(model.logits(p, *model_inputs(batch)), batch["labels"],
+                              not model.seq2seq)
+
+        return jax.value_and_grad(loss)([get_path(params, path) for path in paths])
+
+    return grad_inner
+
+
 def with_positions(batch: dict) -> dict:
     """The meta batch with `logit_positions` on its edit parts (decoder-only models): mend-jax
     then runs the output head only where an edit label is predicted (`metrics.logit_view`)."""

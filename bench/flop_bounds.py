@@ -27,15 +27,13 @@ def main(argv=None) -> None:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    import transformers
 
     common.setup_jax(args.matmul_precision)
-    from bench_many_edits import GEO_TINY, INNER, SEQ, TARGET
+    from bench_many_edits import INNER, aggregate_variants, default_shape_model, request_batch
 
     from mend_jax.capture import capture
     from mend_jax.editors import MEND, MENDConfig
-    from mend_jax.metrics import masked_nll
-    from mend_jax.models import from_config, get_path, model_inputs, set_path
+    from mend_jax.models import from_config, get_path
 
     def gflop(fn, *a) -> float:
         cost = jax.jit(fn).lower(*a).compile().cost_analysis()
@@ -56,14 +54,7 @@ def main(argv=None) -> None:
     state = editor.init(jax.random.key(0))
     paths = [model.names.path(nm) for nm in editor.layout.inner_params]
 
-    def grad_inner(params, batch):
-        def loss(ws):
-            q = params
-            for path, w in zip(paths, ws):
-                q = set_path(q, path, w)
-            return masked_nll(model.logits(q, *model_inputs(batch)), batch["labels"], True)
-
-        return jax.value_and_grad(loss)([get_path(params, path) for path in paths])
+    grad_inner = common.inner_grad_fn(model, paths)
 
     def capture_fn(p, b):
         return capture(model, p, b, editor.layout.weights)
@@ -83,25 +74,14 @@ def main(argv=None) -> None:
                      "editor_update_gflop": nets, "floor_gflop": floor,
                      "edit/floor": edit / floor, "edit_s_at_peak": edit / rate})
 
-    tiny = from_config(transformers.GPT2Config(
-        **GEO_TINY, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
-        eos_token_id=0), seed=0)
+    tiny = default_shape_model()
     tpaths = [tiny.names.path(nm) for nm in INNER]
-    for name, mcfg in (("sum", MENDConfig()),
-                       ("lstsq", MENDConfig(aggregate="lstsq", tokens="answer"))):
-        ed = MEND(tiny, INNER, mcfg)
+    for name in ("sum", "lstsq"):
+        ed = MEND(tiny, INNER, aggregate_variants()[name])
         st = ed.init(jax.random.key(0))
-        per_k = {}
-        for k in (1, args.many):
-            ids = np.random.default_rng(0).integers(1, tiny.config.vocab_size, (k, SEQ))
-            labels = np.full_like(ids, -100)
-            labels[:, -TARGET:] = ids[:, -TARGET:]
-            b = {"input_ids": jnp.asarray(ids, jnp.int32),
-                 "attention_mask": jnp.ones((k, SEQ), jnp.int32),
-                 "labels": jnp.asarray(labels, jnp.int32)}
-            per_k[k] = gflop(
-                lambda s, p, bb, ed=ed: [get_path(ed.edit(s, p, bb), q) for q in tpaths],
-                st, tiny.params, b)
+        per_k = {k: gflop(lambda s, p, b, ed=ed: [get_path(ed.edit(s, p, b), q) for q in tpaths],
+                          st, tiny.params, request_batch(k, tiny.config.vocab_size))
+                 for k in (1, args.many)}
         rows.append({"program": f"offline default's shape, {args.many} edits in one call, "
                                 f"{name}", "edit_gflop": per_k[args.many],
                      "floor_gflop": per_k[1] * args.many,
