@@ -23,6 +23,7 @@ import common
 WORKERS = {
     "jax-mend": ("mend-jax", "MEND meta-step"),
     "jax-mend-full": ("mend-jax", "MEND meta-step, full logits"),
+    "jax-mend-adafactor": ("mend-jax", "MEND meta-step, Adafactor"),
     "torch-mend": ("pytorch", "MEND meta-step"),
     "jax-ft-inner": ("mend-jax", "fine-tune inner weights"),
     "torch-ft-inner": ("pytorch", "fine-tune inner weights"),
@@ -56,7 +57,9 @@ def _jax_step(worker: str, model_kind: str, small: bool, n_edits: int = 1):
         batch = common.with_positions(batch)
     batch = jax.tree.map(jnp.asarray, batch)
     if worker.startswith("jax-mend"):
-        trainer = MetaTrainer(MEND(model, config=MENDConfig()), TrainConfig(accumulate=1))
+        optimizer = "adafactor" if worker == "jax-mend-adafactor" else "adam"
+        trainer = MetaTrainer(MEND(model, config=MENDConfig()),
+                              TrainConfig(accumulate=1, optimizer=optimizer))
         box = {"state": trainer.init(jax.random.key(0))}
         step = jax.jit(trainer.step, donate_argnums=0)
 
@@ -353,15 +356,21 @@ def summarise(rows) -> list[str]:
             out.append(f"{model}: logits at the labelled positions only make the mend-jax step "
                        f"{full['median_s'] / jm['median_s']:.2f}x faster than with full "
                        "logits.")
-        for fw in ("mend-jax", "pytorch"):
-            m = by.get((model, fw, "MEND meta-step"))
+        for fw, what in (("mend-jax", "MEND meta-step"), ("pytorch", "MEND meta-step"),
+                         ("mend-jax", "MEND meta-step, Adafactor")):
+            m = by.get((model, fw, what))
             for ft in ("fine-tune inner weights", "fine-tune all weights"):
                 f = by.get((model, fw, ft))
                 if m and f and f["peak_steps_mib"] > 0:
                     ratio = m["peak_steps_mib"] / f["peak_steps_mib"]
                     target = (f" (target <= 1.5x: {'met' if ratio <= 1.5 else 'NOT met'})"
                               if ft.endswith("inner weights") else "")
-                    out.append(f"{model} {fw}: MEND peak / {ft} peak = {ratio:.2f}x{target}.")
+                    name = "MEND" + (" (Adafactor)" if what.endswith("Adafactor") else "")
+                    out.append(f"{model} {fw}: {name} peak / {ft} peak = {ratio:.2f}x{target}.")
+        ada = by.get((model, "mend-jax", "MEND meta-step, Adafactor"))
+        if jm and ada:
+            out.append(f"{model}: the Adafactor step takes {ada['median_s'] / jm['median_s']:.2f}x "
+                       "the Adam step's time.")
     return out
 
 

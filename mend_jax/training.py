@@ -30,6 +30,10 @@ class TrainConfig:
     """Meta-training hyperparameters; defaults are the reference's MEND config."""
 
     lr: float = 1e-6            # Adam on the editor networks
+    # "adam" (the reference) or "adafactor": factored second moments and no first moment, so the
+    # editor's optimizer state is O(rows + cols) per matrix instead of two copies of it (memory:
+    # bench/RESULTS.md). The update is RMS-normalised and clipped like Adam's, at the same lr.
+    optimizer: str = "adam"
     # Adam on the per-layer step sizes. None (the reference's behaviour): the step sizes are
     # trained by the editor's optimizer at `lr` (the reference builds a separate lr_lr optimizer,
     # but the main optimizer's zero_grad() clears their gradient before it steps, so it never
@@ -54,6 +58,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.edit_on not in ("outer", "both"):
             raise ValueError(f"edit_on must be 'outer' or 'both', got {self.edit_on!r}")
+        if self.optimizer not in ("adam", "adafactor"):
+            raise ValueError(f"optimizer must be 'adam' or 'adafactor', got {self.optimizer!r}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got "
                              f"{self.lr_schedule!r}")
@@ -66,6 +72,14 @@ class TrainConfig:
         if self.lr_schedule == "cosine":
             return optax.cosine_decay_schedule(lr, self.decay_steps)
         return lr
+
+    def base_optimizer(self, lr: float) -> optax.GradientTransformation:
+        """The optimizer of one parameter group at learning rate `lr` (scheduled)."""
+        if self.optimizer == "adafactor":
+            # no relative step (multiply_by_parameter_scale) and no momentum: lr means what it
+            # means for Adam; matrices with both sides >= 128 keep factored second moments only
+            return optax.adafactor(self.schedule(lr), multiply_by_parameter_scale=False)
+        return optax.adam(self.schedule(lr))
 
 
 def _row_mean(values, labels):
@@ -93,11 +107,10 @@ class MetaTrainer:
         self.model = editor.model
         self.config = config or TrainConfig()
         c = self.config
-        adam = (optax.adam(c.schedule(c.lr)) if c.lr_lr is None
-                else optax.multi_transform({"nets": optax.adam(c.schedule(c.lr)),
-                                            "edit_lrs": optax.adam(c.schedule(c.lr_lr))},
-                                           _labels))
-        inner = optax.chain(optax.clip_by_global_norm(c.grad_clip), adam)
+        opt = (c.base_optimizer(c.lr) if c.lr_lr is None
+               else optax.multi_transform({"nets": c.base_optimizer(c.lr),
+                                           "edit_lrs": c.base_optimizer(c.lr_lr)}, _labels))
+        inner = optax.chain(optax.clip_by_global_norm(c.grad_clip), opt)
         # MultiSteps keeps a gradient-sized accumulator: only pay for it when accumulating.
         self.optimizer = (inner if c.accumulate == 1
                           else optax.MultiSteps(inner, every_k_schedule=c.accumulate))

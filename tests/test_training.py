@@ -283,3 +283,27 @@ def test_a_trained_edit_continues_each_prompt_with_its_target_as_evaluation_scor
     misses = [r for r, ok in zip(requests, greedy) if not ok]
     assert edit_success(hits) == 1.0
     assert edit_success(misses) == 0.0
+
+
+def test_adafactor_keeps_a_factored_state_and_trains_the_editor():
+    cfg = transformers.GPT2Config(vocab_size=V, n_positions=8, n_embd=32, n_layer=1, n_head=2)
+    model = from_config(cfg, seed=0)
+    batch = synthetic_batch(np.random.default_rng(1), jax.jit(model.logits), model.params, 2)
+    editor = MEND(model, config=MENDConfig(rank=160))     # [u; δ] rows 32 + 128 wide
+    sizes, losses = {}, {}
+    for name in ("adam", "adafactor"):
+        trainer = MetaTrainer(editor, TrainConfig(lr=1e-3, accumulate=1, optimizer=name))
+        state = trainer.init(jax.random.key(0))
+        sizes[name] = sum(x.size for x in jax.tree.leaves(state["opt_state"]))
+        step = jax.jit(trainer.step)
+        losses[name] = []
+        for _ in range(15):
+            state, metrics = step(state, model.params, batch)
+            losses[name].append(float(metrics["loss"]))
+    n_params = sum(x.size for x in jax.tree.leaves(editor.init(jax.random.key(0))["params"]))
+    assert sizes["adam"] >= 2 * n_params        # two moments of every parameter
+    assert sizes["adafactor"] < 0.1 * n_params  # rows + columns of the 160x160 matrices
+    drop = {k: v[0] - v[-1] for k, v in losses.items()}
+    assert drop["adafactor"] > 0.01 and drop["adafactor"] > 0.4 * drop["adam"]
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainConfig(optimizer="sgd")
