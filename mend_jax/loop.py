@@ -259,7 +259,7 @@ def train_editor(trainer: MetaTrainer, model_params, train_requests, val_request
                             kl=f"{m['locality_kl']:.3f}")
         done = step + 1 == cfg.max_steps
         if (step + 1) % cfg.val_every == 0 or done:
-            val = validate(trainer, eval_step, state["editor"], model_params, val_requests,
+            val = validate(trainer, eval_step, trainer.selected(state), model_params, val_requests,
                            tokenizer, cfg=cfg, seed=seed, max_length=max_length,
                            positions_width=width)
             for k, v in val.items():
@@ -269,7 +269,7 @@ def train_editor(trainer: MetaTrainer, model_params, train_requests, val_request
             best = book["best_val"]
             if best is None or val[cfg.select_on] < best:
                 book.update(best_val=val[cfg.select_on], best_step=step + 1, since_best=0)
-                ckpt.save_best(step + 1, {"editor": state["editor"]}, book)
+                ckpt.save_best(step + 1, {"editor": trainer.selected(state)}, book)
             else:
                 book["since_best"] += cfg.val_every
             log.info("step %d val %s", step + 1,

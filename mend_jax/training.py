@@ -34,6 +34,10 @@ class TrainConfig:
     # editor's optimizer state is O(rows + cols) per matrix instead of two copies of it (memory:
     # bench/RESULTS.md). The update is RMS-normalised and clipped like Adam's, at the same lr.
     optimizer: str = "adam"
+    # Polyak averaging: with a decay d in (0, 1), the trainer keeps an exponential moving average
+    # of the editor's parameters (ema <- d·ema + (1 − d)·params after every step); validation,
+    # the best checkpoint and the saved editor use it. None: the raw parameters (reference).
+    ema: float | None = None
     # Adam on the per-layer step sizes. None (the reference's behaviour): the step sizes are
     # trained by the editor's optimizer at `lr` (the reference builds a separate lr_lr optimizer,
     # but the main optimizer's zero_grad() clears their gradient before it steps, so it never
@@ -58,6 +62,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.edit_on not in ("outer", "both"):
             raise ValueError(f"edit_on must be 'outer' or 'both', got {self.edit_on!r}")
+        if self.ema is not None and not 0.0 < self.ema < 1.0:
+            raise ValueError(f"ema must be a decay in (0, 1) or None, got {self.ema}")
         if self.optimizer not in ("adam", "adafactor"):
             raise ValueError(f"optimizer must be 'adam' or 'adafactor', got {self.optimizer!r}")
         if self.lr_schedule not in ("constant", "cosine"):
@@ -117,12 +123,22 @@ class MetaTrainer:
 
     def init(self, key: jax.Array) -> dict:
         editor_state = self.editor.init(key)
-        return {
+        state = {
             "editor": editor_state,
             "opt_state": self.optimizer.init(editor_state["params"]),
             "step": jnp.zeros((), jnp.int32),
             "n_skipped": jnp.zeros((), jnp.int32),
         }
+        if self.config.ema is not None:
+            state["ema"] = jax.tree.map(jnp.copy, editor_state["params"])
+        return state
+
+    def selected(self, state: dict) -> dict:
+        """The editor state that validation, checkpoints and edits use: the trained one, or with
+        `ema` set its moving average (with the trained normalisation statistics)."""
+        if self.config.ema is None:
+            return state["editor"]
+        return {**state["editor"], "params": state["ema"]}
 
     def loss(self, editor_params, stats, model_params, batch, train: bool = True):
         """(L, (metrics, new_stats)) of one edit example/equivalent/locality triple."""
@@ -179,7 +195,7 @@ class MetaTrainer:
 
     def step(self, state: dict, model_params: dict, batch: dict) -> tuple[dict, dict]:
         """One meta-training step. A non-finite loss or gradient skips the update (counted)."""
-        editor = state["editor"]
+        c, editor = self.config, state["editor"]
         grad_fn = jax.value_and_grad(self.loss, has_aux=True)
         (loss, (metrics, new_stats)), grads = grad_fn(
             editor["params"], editor["stats"], model_params, batch)
@@ -190,6 +206,9 @@ class MetaTrainer:
         proposed = {"editor": {"params": params, "stats": new_stats}, "opt_state": opt_state}
         kept = {"editor": editor, "opt_state": state["opt_state"]}
         new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), proposed, kept)
+        if c.ema is not None:
+            new["ema"] = jax.tree.map(lambda e, p: c.ema * e + (1.0 - c.ema) * p, state["ema"],
+                                      new["editor"]["params"])
         new["step"] = state["step"] + 1
         new["n_skipped"] = state["n_skipped"] + (~finite).astype(jnp.int32)
         metrics = dict(metrics, skipped=(~finite).astype(jnp.float32),

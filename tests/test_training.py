@@ -307,3 +307,28 @@ def test_adafactor_keeps_a_factored_state_and_trains_the_editor():
     assert drop["adafactor"] > 0.01 and drop["adafactor"] > 0.4 * drop["adam"]
     with pytest.raises(ValueError, match="optimizer"):
         TrainConfig(optimizer="sgd")
+
+
+def test_ema_averages_the_editor_parameters_and_is_what_selected_returns():
+    model, batch = tiny_model_and_batch(2)
+    d = 0.5
+    trainer = MetaTrainer(MEND(model, config=MENDConfig(rank=8)),
+                          TrainConfig(lr=1e-2, accumulate=1, ema=d))
+    step = jax.jit(trainer.step)
+    state = trainer.init(jax.random.key(0))
+    expected = state["editor"]["params"]
+    for _ in range(3):
+        state, _ = step(state, model.params, batch)
+        expected = jax.tree.map(lambda e, p: d * e + (1 - d) * p, expected,
+                                state["editor"]["params"])
+    chosen = trainer.selected(state)
+    assert chosen["stats"] is state["editor"]["stats"]
+    for e, got in zip(jax.tree.leaves(expected), jax.tree.leaves(chosen["params"])):
+        np.testing.assert_allclose(got, e, rtol=1e-6, atol=1e-7)
+    moved = max(float(jnp.abs(a - b).max()) for a, b in zip(
+        jax.tree.leaves(chosen["params"]), jax.tree.leaves(state["editor"]["params"])))
+    assert moved > 1e-4                     # the average lags the trained parameters
+    plain = MetaTrainer(trainer.editor, TrainConfig(lr=1e-2, accumulate=1))
+    assert "ema" not in plain.init(jax.random.key(0))
+    with pytest.raises(ValueError, match="ema"):
+        TrainConfig(ema=1.0)
