@@ -311,7 +311,7 @@ def test_adafactor_keeps_a_factored_state_and_trains_the_editor():
 
 def test_ema_averages_the_editor_parameters_and_is_what_selected_returns():
     model, batch = tiny_model_and_batch(2)
-    d = 0.5
+    d = 0.7
     trainer = MetaTrainer(MEND(model, config=MENDConfig(rank=8)),
                           TrainConfig(lr=1e-2, accumulate=1, ema=d))
     step = jax.jit(trainer.step)
