@@ -38,10 +38,11 @@ class TrainConfig:
     # of the editor's parameters (ema <- d·ema + (1 − d)·params after every step); validation,
     # the best checkpoint and the saved editor use it. None: the raw parameters (reference).
     ema: float | None = None
-    # Adam on the per-layer step sizes. None (the reference's behaviour): the step sizes are
-    # trained by the editor's optimizer at `lr` (the reference builds a separate lr_lr optimizer,
-    # but the main optimizer's zero_grad() clears their gradient before it steps, so it never
-    # moves them). A number gives them their own Adam at that learning rate (a deviation).
+    # The per-layer step sizes' learning rate. None (the reference's behaviour): the step sizes
+    # are trained by the editor's optimizer at `lr` (the reference builds a separate lr_lr
+    # optimizer, but the main optimizer's zero_grad() clears their gradient before it steps, so
+    # it never moves them). A number gives them their own optimizer (of the kind `optimizer`
+    # names) at that learning rate (a deviation).
     lr_lr: float | None = None
     c_edit: float = 0.1
     c_loc: float = 1.0

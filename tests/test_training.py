@@ -332,3 +332,40 @@ def test_ema_averages_the_editor_parameters_and_is_what_selected_returns():
     assert "ema" not in plain.init(jax.random.key(0))
     with pytest.raises(ValueError, match="ema"):
         TrainConfig(ema=1.0)
+
+
+def test_the_loop_validates_and_saves_the_averaged_editor(tmp_path):
+    import json
+
+    from mend_jax.checkpoint import Checkpoints, load_best_editor
+    from mend_jax.data import load_requests
+    from mend_jax.loop import LoopConfig, train_editor
+    from mend_jax.offline import build_word_tokenizer
+
+    tok = build_word_tokenizer(["The capital of France is Paris", "France's capital city is",
+                                "who wrote Hamlet Shakespeare", "Lyon Rome Berlin"])
+    cfg = transformers.GPT2Config(vocab_size=len(tok), n_positions=16, n_embd=16, n_layer=2,
+                                  n_head=2, bos_token_id=tok.bos_token_id,
+                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = from_config(cfg, seed=0, tokenizer=tok)
+    record = {"src": "The capital of France is", "answers": ["Paris"],
+              "rephrase": "France's capital city is", "loc": "who wrote Hamlet",
+              "loc_ans": "Shakespeare"}
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps([{**record, "alt": alt} for alt in ["Lyon", "Rome", "Berlin"] * 2]))
+    requests = load_requests(path, "zsre")
+    trainer = MetaTrainer(MEND(model, config=MENDConfig(rank=8)),
+                          TrainConfig(lr=1e-2, accumulate=1, ema=0.7))
+    run = tmp_path / "run"
+    train_editor(trainer, model.params, requests[:4], requests[4:], tok, run_dir=run,
+                 max_length=16, seed=0, progress=False,
+                 cfg=LoopConfig(max_steps=3, batch_size=2, val_every=3, val_batches=1,
+                                save_every=3))
+    ckpt = Checkpoints(run)
+    state, _ = ckpt.restore_latest(trainer.init(jax.random.key(1)))
+    ckpt.close()
+    best, _ = load_best_editor(run, trainer.editor.init(jax.random.key(1)))
+    for saved, ema in zip(jax.tree.leaves(best["params"]), jax.tree.leaves(state["ema"])):
+        np.testing.assert_array_equal(saved, ema)
+    assert any(not np.array_equal(e, r) for e, r in zip(
+        jax.tree.leaves(state["ema"]), jax.tree.leaves(state["editor"]["params"])))
