@@ -127,7 +127,8 @@ def _built_base_model(cfg: RunConfig, bench: dict, info: dict,
     from mend_jax.offline.pretrain import cached_base_model
 
     mcfg = cfg.model
-    _check_build(mcfg, "GPT2Config", "the geonames default builds a GPT-2 (model=geo_tiny)")
+    _check_build(mcfg, "GPT2Config",
+                 "the geonames default builds a GPT-2 (model=geo_small or geo_tiny)")
     tokenizer = build_tokenizer(mcfg.tokenizer.kind, benchmark_texts(bench),
                                 **mcfg.tokenizer.options())
     pre = dict(mcfg.pretrain.kwargs(), max_length=mcfg.max_length, seed=cfg.seed)
@@ -256,6 +257,10 @@ def evaluate_all(cfg: RunConfig | dict, prep: Prepared, mend, editor_state: dict
         if method not in TRAINED and method != "untrained" and is_dataclass(editor.config):
             # the baseline's options, so that a result says which step size etc. it measured
             results[method]["options"] = asdict(editor.config)
+        elif method in TRAINED and hasattr(editor.config, "capture_loss"):
+            # the trained editor's evaluation-time options (eval.py --set alg.editor.*)
+            results[method]["options"] = {k: getattr(editor.config, k)
+                                          for k in ("capture_loss", "chunk_tokens")}
         log.info("%s evaluated in %.1fs", method, time.time() - t)
     return results
 

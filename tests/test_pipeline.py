@@ -115,6 +115,29 @@ def test_eval_cli_sets_the_baselines_options(trained_run):
 
 
 @pytest.mark.slow
+def test_eval_cli_sets_the_editors_capture_loss(trained_run):
+    import eval as eval_cli
+
+    run_dir, _ = trained_run
+    runs = {}
+    for name, extra in (("default", []),
+                        ("per_request", ["--set", "alg.editor.capture_loss=per_request"])):
+        out = run_dir / f"eval_capture_{name}.json"
+        assert eval_cli.main([str(run_dir), "--methods", "mend", "--n-edits", "1", "3",
+                              "--max-examples", "6", "--out", str(out), *extra]) == 0
+        runs[name] = json.loads(out.read_text())
+    assert runs["default"]["3"]["mend"]["options"]["capture_loss"] == "batch_mean"
+    assert runs["per_request"]["3"]["mend"]["options"]["capture_loss"] == "per_request"
+    # one request: the two losses are the same; three: each request's δ no longer shrinks as 1/3
+    one = [runs[n]["1"]["mend"]["locality_kl"] for n in runs]
+    assert one[0] == pytest.approx(one[1], rel=1e-4, abs=1e-7)
+    three = [runs[n]["3"]["mend"]["locality_kl"] for n in runs]
+    assert abs(three[0] - three[1]) > 1e-6
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["alg"]["editor"]["capture_loss"] == "batch_mean"
+
+
+@pytest.mark.slow
 def test_edit_cli_reports_and_exports(trained_run, capsys):
     import transformers
 

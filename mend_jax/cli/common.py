@@ -32,8 +32,10 @@ def add_source_args(p: argparse.ArgumentParser) -> None:
                         "name (default: the one editor.json names, e.g. RUN/base_model)")
 
 
-def load_source(p: argparse.ArgumentParser, args: argparse.Namespace):
-    """(cfg or None, prepared run or None, Loaded) from `run_dir` or `--editor [--model]`."""
+def load_source(p: argparse.ArgumentParser, args: argparse.Namespace,
+                overrides: dict | None = None):
+    """(cfg or None, prepared run or None, Loaded) from `run_dir` or `--editor [--model]`;
+    `overrides` (dotted keys) change a run folder's config before its editor is built."""
     if (args.run_dir is None) == (args.editor is None):
         p.error("give a run folder or --editor DIR (not both)")
     if args.run_dir is not None:
@@ -41,7 +43,7 @@ def load_source(p: argparse.ArgumentParser, args: argparse.Namespace):
             p.error("--model goes with --editor; a run folder knows its model")
         from mend_jax.pipeline import load_run
 
-        cfg, prep, mend, state = load_run(args.run_dir)
+        cfg, prep, mend, state = load_run(args.run_dir, overrides)
         base = cfg.model.name
         if base is None and (Path(args.run_dir) / "base_model").is_dir():
             base = str(Path(args.run_dir) / "base_model")

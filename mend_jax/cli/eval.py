@@ -61,9 +61,16 @@ def _evaluate_editor_folder(src, requests, methods, n_edits: int, max_length: in
     return results
 
 
+# Options of the trained editor that change how an edit is computed, not what was learned: the
+# loss whose gradient is captured (per_request: each of k requests' δ as if edited alone) and the
+# token chunking (memory only).
+EDITOR_EVAL_KEYS = ("alg.editor.capture_loss", "alg.editor.chunk_tokens")
+
+
 def _baseline_settings(p: argparse.ArgumentParser, args) -> dict:
-    """`--set KEY=VALUE` as {dotted key: parsed value}; only the baselines' options can change
-    after training, and only a run folder has a config to change."""
+    """`--set KEY=VALUE` as {dotted key: parsed value}; only the baselines' options and the
+    editor's evaluation-time options can change after training, and only a run folder has a
+    config to change."""
     if args.settings and args.run_dir is None:
         p.error("--set needs a run folder (an editor folder has no baseline config)")
     settings = {}
@@ -71,8 +78,9 @@ def _baseline_settings(p: argparse.ArgumentParser, args) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not raw:
             p.error(f"--set {item!r}: expected KEY=VALUE")
-        if not key.startswith("alg.baselines."):
+        if not key.startswith("alg.baselines.") and key not in EDITOR_EVAL_KEYS:
             p.error(f"--set {key}: only the baselines' options (alg.baselines.<method>.<key>) "
+                    f"and the editor's evaluation-time options ({', '.join(EDITOR_EVAL_KEYS)}) "
                     "can be set at evaluation; the editor is as the run trained it")
         settings[key] = parse_value(raw)
     if settings:  # checked against the schema before a run is loaded
@@ -105,7 +113,10 @@ def run(argv) -> int:
                    dest="settings",
                    help="with a run folder: override the baselines' options for this "
                         "evaluation (keys under alg.baselines., e.g. "
-                        "alg.baselines.ultraedit.lr=1e-2); the trained editor is as trained")
+                        "alg.baselines.ultraedit.lr=1e-2) or the trained editor's "
+                        "evaluation-time options (alg.editor.capture_loss=per_request: k "
+                        "requests' gradients each as if edited alone; "
+                        "alg.editor.chunk_tokens=N); the trained parameters are as trained")
     p.add_argument("--max-examples", type=positive_int, default=None)
     p.add_argument("--max-length", type=positive_int, default=None,
                    help="with --editor: token length of a row (default: the editor's)")
@@ -122,7 +133,8 @@ def run(argv) -> int:
     if args.out:  # before the evaluation, not after it: a bad --out fails at once
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     settings = _baseline_settings(p, args)
-    cfg, prep, src = load_source(p, args)
+    cfg, prep, src = load_source(p, args, {k: v for k, v in settings.items()
+                                           if k in EDITOR_EVAL_KEYS})
     requests = load_requests(args.data, args.format) if args.data else None
     if cfg is not None:
         if args.split:
