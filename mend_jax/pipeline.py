@@ -210,6 +210,12 @@ def training_mesh(cfg: RunConfig) -> jax.sharding.Mesh:
         raise ConfigError(f"mesh.data={cfg.mesh.data}, mesh.model={cfg.mesh.model}: {e}") from None
 
 
+# The trained editor's options that change how an edit is computed, not what was learned: the
+# loss whose gradient is captured (per_request: each of k requests' δ as if edited alone) and the
+# token chunking (memory only). eval.py --set may change them; results record them.
+EDITOR_EVAL_OPTIONS = ("capture_loss", "chunk_tokens")
+
+
 def evaluate_all(cfg: RunConfig | dict, prep: Prepared, mend, editor_state: dict, *,
                  methods=None, requests=None, n_edits: int | None = None,
                  progress: bool = False, sequential: int | None = None) -> dict:
@@ -260,7 +266,7 @@ def evaluate_all(cfg: RunConfig | dict, prep: Prepared, mend, editor_state: dict
         elif method in TRAINED and hasattr(editor.config, "capture_loss"):
             # the trained editor's evaluation-time options (eval.py --set alg.editor.*)
             results[method]["options"] = {k: getattr(editor.config, k)
-                                          for k in ("capture_loss", "chunk_tokens")}
+                                          for k in EDITOR_EVAL_OPTIONS}
         log.info("%s evaluated in %.1fs", method, time.time() - t)
     return results
 

@@ -30,7 +30,13 @@ from mend_jax.evaluation import (
     plot_sequential,
     plot_vs_n_edits,
 )
-from mend_jax.pipeline import METHODS, TRAINED, evaluate_all, write_results
+from mend_jax.pipeline import (
+    EDITOR_EVAL_OPTIONS,
+    METHODS,
+    TRAINED,
+    evaluate_all,
+    write_results,
+)
 
 
 def _evaluate_editor_folder(src, requests, methods, n_edits: int, max_length: int,
@@ -61,13 +67,11 @@ def _evaluate_editor_folder(src, requests, methods, n_edits: int, max_length: in
     return results
 
 
-# Options of the trained editor that change how an edit is computed, not what was learned: the
-# loss whose gradient is captured (per_request: each of k requests' δ as if edited alone) and the
-# token chunking (memory only).
-EDITOR_EVAL_KEYS = ("alg.editor.capture_loss", "alg.editor.chunk_tokens")
+# the trained editor's evaluation-time options, as config keys
+EDITOR_EVAL_KEYS = tuple(f"alg.editor.{k}" for k in EDITOR_EVAL_OPTIONS)
 
 
-def _baseline_settings(p: argparse.ArgumentParser, args) -> dict:
+def _eval_settings(p: argparse.ArgumentParser, args) -> dict:
     """`--set KEY=VALUE` as {dotted key: parsed value}; only the baselines' options and the
     editor's evaluation-time options can change after training, and only a run folder has a
     config to change."""
@@ -132,7 +136,7 @@ def run(argv) -> int:
         p.error(f"--out {args.out} is a folder; expected a .json file to write")
     if args.out:  # before the evaluation, not after it: a bad --out fails at once
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    settings = _baseline_settings(p, args)
+    settings = _eval_settings(p, args)
     cfg, prep, src = load_source(p, args, {k: v for k, v in settings.items()
                                            if k in EDITOR_EVAL_KEYS})
     requests = load_requests(args.data, args.format) if args.data else None
