@@ -213,7 +213,7 @@ def training_mesh(cfg: RunConfig) -> jax.sharding.Mesh:
 # The trained editor's options that change how an edit is computed, not what was learned: the
 # loss whose gradient is captured (per_request: each of k requests' δ as if edited alone) and the
 # token chunking (memory only). eval.py --set may change them; results record them.
-EDITOR_EVAL_OPTIONS = ("capture_loss", "chunk_tokens")
+EDITOR_EVAL_OPTIONS = ("capture_loss", "chunk_tokens", "aggregate", "request_lambda")
 
 
 def evaluate_all(cfg: RunConfig | dict, prep: Prepared, mend, editor_state: dict, *,
@@ -340,6 +340,26 @@ def strict_json(value: Any) -> Any:
     return value
 
 
+def _check_eval_aggregate(run_dir: Path, trained, now) -> None:
+    """An evaluation-time `aggregate` must need no parameters or statistics the run did not
+    train: sum and request_lstsq share the editor's parameters; lstsq has its own λ."""
+    was, new = getattr(trained, "aggregate", None), getattr(now, "aggregate", None)
+    if was == new:
+        return
+    if "lstsq" in (was, new):
+        raise ValueError(f"{run_dir}: trained with alg.editor.aggregate={was}; it cannot be "
+                         f"evaluated with aggregate={new} (lstsq learns its own λ: train with it)")
+    def keeps_moments(c):
+        return c.whiten or c.project_keys or c.aggregate == "request_lstsq"
+
+    if keeps_moments(trained) != keeps_moments(now):
+        raise ValueError(f"{run_dir}: alg.editor.aggregate=request_lstsq needs the keys' second "
+                         "moments, which a run keeps only when trained with request_lstsq, "
+                         f"alg.editor.project_keys or whiten; this one (aggregate={was}) "
+                         + ("was not" if new == "request_lstsq" else
+                            f"kept them and aggregate={new} does not read them"))
+
+
 def load_run(run_dir: str | Path, overrides: dict | None = None) -> tuple[RunConfig, Prepared,
                                                                           Any, dict]:
     """(config, prepared model/data, editor, best editor state) of a trained run; `overrides`
@@ -349,7 +369,9 @@ def load_run(run_dir: str | Path, overrides: dict | None = None) -> tuple[RunCon
     if not cfg_file.exists():
         raise FileNotFoundError(f"{run_dir}: no config.yaml (is this a train.py output folder?)")
     cfg = validate_config(read_mapping(cfg_file))
+    trained = cfg.alg.editor
     cfg = cfg.replace(out_dir=str(run_dir), **(overrides or {}))
+    _check_eval_aggregate(run_dir, trained, cfg.alg.editor)
     prep = prepare(cfg, progress=False)
     mend = build_editor(cfg, prep.model)
     state, _ = load_best_editor(run_dir, mend.init(jax.random.key(0)))

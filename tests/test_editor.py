@@ -432,3 +432,47 @@ def test_chunked_editor_equals_one_pass_with_its_gradient(model, opts, request):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6)
     with pytest.raises(ValueError, match="chunk_tokens"):
         MENDConfig(chunk_tokens=0)
+
+
+@pytest.mark.parametrize("project", [False, True])
+def test_request_lstsq_asks_each_requests_own_update_of_its_answer_keys(model, project):
+    """`aggregate: request_lstsq`: the update of k requests together is the ridge solution
+    (XᵀX + λC)⁻¹XᵀV over every request's answer-token keys X, each key's value being the shift
+    that request's own update (the sum editor's, edited alone) makes on it."""
+    from mend_jax.capture import capture
+    from mend_jax.editors.mend import whitening_matrix
+
+    name = "transformer.h.2.mlp.c_fc.weight"
+    path = model.names.path(name)
+    opts = dict(edit_lr=1e-2, capture_loss="per_request", project_keys=project)
+    summed = MEND(model, [name], MENDConfig(**opts))
+    solved = MEND(model, [name], MENDConfig(**opts, aggregate="request_lstsq",
+                                            request_lambda=0.3))
+    state = solved.init(jax.random.key(0))
+    stats = state["stats"]
+    for b in (decoder_batch(61, [7, 4, 9], seed=5), decoder_batch(61, [6, 8], seed=4)):
+        _, cap, _ = capture(model, model.params, b, [name])   # statistics to standardise with
+        _, stats = solved.pseudo_gradients(state["params"], stats, cap, train=True,
+                                           n_requests=b["input_ids"].shape[0])
+    state = {"params": state["params"], "stats": stats}
+    batch = decoder_batch(61, [7, 4, 9])
+    rows = [jax.tree.map(lambda x, i=i: x[i:i + 1], batch) for i in range(3)]
+    w = np.asarray(get_path(model.params, path), np.float64)
+    alone = [w - np.asarray(get_path(summed.edit(state, model.params, r), path)) for r in rows]
+    keys, values = [], []
+    for r, update in zip(rows, alone):
+        _, cap, _ = capture(model, model.params, r, [name])
+        c = cap[name]
+        on = np.asarray(c.token_mask * c.answer_mask) > 0
+        x = np.asarray(c.layer_inputs, np.float64)[on]
+        keys.append(x)
+        values.append(x @ update)
+    x, v = np.concatenate(keys), np.concatenate(values)
+    reg = np.asarray(whitening_matrix(stats["second_moments"][name.replace(".", "_")]))
+    want = np.linalg.solve(x.T @ x + 0.3 * reg, x.T @ v)
+    got = w - np.asarray(get_path(solved.edit(state, model.params, batch), path))
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+    # it is not the sum of the requests' own updates
+    assert not np.allclose(got, sum(alone), rtol=0.05, atol=0.05 * np.abs(want).max())
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        MENDConfig(aggregate="request_lstsq", chunk_tokens=8)

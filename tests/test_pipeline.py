@@ -121,13 +121,23 @@ def test_eval_cli_sets_the_editors_capture_loss(trained_run):
     run_dir, _ = trained_run
     runs = {}
     for name, extra in (("default", []),
-                        ("per_request", ["--set", "alg.editor.capture_loss=per_request"])):
+                        ("per_request", ["--set", "alg.editor.capture_loss=per_request"]),
+                        ("request_lstsq", ["--set", "alg.editor.aggregate=request_lstsq",
+                                           "alg.editor.request_lambda=0.5"])):
         out = run_dir / f"eval_capture_{name}.json"
         assert eval_cli.main([str(run_dir), "--methods", "mend", "--n-edits", "1", "3",
                               "--max-examples", "6", "--out", str(out), *extra]) == 0
         runs[name] = json.loads(out.read_text())
     assert runs["default"]["3"]["mend"]["options"]["capture_loss"] == "batch_mean"
     assert runs["per_request"]["3"]["mend"]["options"]["capture_loss"] == "per_request"
+    solved = runs.pop("request_lstsq")["3"]["mend"]
+    assert solved["options"]["aggregate"] == "request_lstsq"
+    assert solved["options"]["request_lambda"] == 0.5
+    assert abs(solved["locality_kl"] - runs["per_request"]["3"]["mend"]["locality_kl"]) > 1e-6
+    # lstsq learns its own λ (and this run projects its keys): refused before loading
+    with pytest.raises(SystemExit):
+        eval_cli.main([str(run_dir), "--methods", "mend", "--set",
+                       "alg.editor.aggregate=lstsq"])
     # one request: the two losses are the same; three: each request's δ no longer shrinks as 1/3
     one = [runs[n]["1"]["mend"]["locality_kl"] for n in runs]
     assert one[0] == pytest.approx(one[1], rel=1e-4, abs=1e-7)
@@ -348,3 +358,20 @@ def test_the_batched_config_is_the_measured_override_set():
     assert batched.preset == "mend_batched" and measured.alg.preset == "mend_small"
     assert dataclasses.replace(batched, preset=None) == dataclasses.replace(measured.alg,
                                                                            preset=None)
+
+
+def test_evaluation_time_aggregate_needs_nothing_the_run_did_not_train(tmp_path):
+    from mend_jax.editors import MENDConfig
+    from mend_jax.pipeline import _check_eval_aggregate
+
+    summed, projected = MENDConfig(), MENDConfig(project_keys=True)
+    solved = MENDConfig(project_keys=True, aggregate="request_lstsq")
+    _check_eval_aggregate(tmp_path, projected, solved)
+    _check_eval_aggregate(tmp_path, solved, projected)
+    _check_eval_aggregate(tmp_path, summed, summed)
+    with pytest.raises(ValueError, match="second moments"):
+        _check_eval_aggregate(tmp_path, summed, MENDConfig(aggregate="request_lstsq"))
+    with pytest.raises(ValueError, match="learns its own"):
+        _check_eval_aggregate(tmp_path, summed, MENDConfig(aggregate="lstsq"))
+    with pytest.raises(ValueError, match="learns its own"):
+        _check_eval_aggregate(tmp_path, MENDConfig(aggregate="lstsq"), summed)

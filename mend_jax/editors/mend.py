@@ -43,8 +43,15 @@ class MENDConfig:
     # "lstsq" (MALMEN: every token's own MEND shift of its layer output, v_t = (u_t·ũ_t) δ̃_t,
     # is demanded of the raw keys u_t at once by the ridge solution (UᵀU + e^λ I)⁻¹ UᵀV, λ
     # learned per weight), which stops the terms of many edits from interfering.
+    # "request_lstsq" needs no training of its own and serves a sum-trained editor: each
+    # request's own update (the one it would get if edited alone: its summed, projected terms,
+    # with δ from its own loss) is asked of that request's answer-token keys only, all k at once
+    # by one ridge solve (XᵀX + λC)⁻¹XᵀV, C the keys' running second moment, λ `request_lambda`:
+    # the requests' updates stop adding up on each other's keys and on the keys the model
+    # usually sees.
     aggregate: str = "sum"
     init_log_lambda: float = 0.0  # initial λ of `aggregate: lstsq` (log scale)
+    request_lambda: float = 30.0  # λ of `aggregate: request_lstsq`, in units of C
     # Which tokens the editor sees: "all" real tokens (MEND) or "answer" tokens only, the
     # positions whose output predicts a target token (MALMEN's `token: ans`).
     tokens: str = "all"
@@ -79,8 +86,13 @@ class MENDConfig:
             raise ValueError(f"init must be 'id' or 'xavier', got {self.init!r}")
         if self.act not in _ACTS:
             raise ValueError(f"act must be one of {sorted(_ACTS)}, got {self.act!r}")
-        if self.aggregate not in ("sum", "lstsq"):
-            raise ValueError(f"aggregate must be 'sum' or 'lstsq', got {self.aggregate!r}")
+        if self.aggregate not in AGGREGATES:
+            raise ValueError(f"aggregate must be one of {AGGREGATES}, got {self.aggregate!r}")
+        if self.aggregate == "request_lstsq" and self.chunk_tokens is not None:
+            raise ValueError("chunk_tokens is not implemented for aggregate: request_lstsq "
+                             "(set it to null)")
+        if not self.request_lambda > 0:
+            raise ValueError(f"request_lambda must be > 0, got {self.request_lambda!r}")
         if self.tokens not in ("all", "answer"):
             raise ValueError(f"tokens must be 'all' or 'answer', got {self.tokens!r}")
         if self.capture_loss not in ("batch_mean", "per_request"):
@@ -88,8 +100,9 @@ class MENDConfig:
                              f"{self.capture_loss!r}")
         if self.whiten and self.aggregate != "lstsq":
             raise ValueError("whiten needs aggregate: lstsq")
-        if self.project_keys and self.aggregate != "sum":
-            raise ValueError("project_keys needs aggregate: sum (lstsq has whiten); with "
+        if self.project_keys and self.aggregate == "lstsq":
+            raise ValueError("project_keys needs aggregate: sum or request_lstsq (lstsq has "
+                             "whiten); with "
                              "aggregate: lstsq set project_keys: false (the CPU default sets it "
                              "true)")
         if not self.project_eps > 0:
@@ -99,6 +112,9 @@ class MENDConfig:
                                               or self.chunk_tokens < 1):
             raise ValueError(f"chunk_tokens must be a positive integer or null, got "
                              f"{self.chunk_tokens!r}")
+
+
+AGGREGATES = ("sum", "lstsq", "request_lstsq")
 
 
 def _clamp_relu(x):
@@ -349,12 +365,17 @@ class MEND:
         if cfg.aggregate == "lstsq":
             params["log_lambdas"] = {n: jnp.asarray(cfg.init_log_lambda, jnp.float32)
                                      for n in lay.inner_params}
-        if cfg.whiten or cfg.project_keys:
+        if self._second_moments:
             stats["second_moments"] = {
                 n.replace(".", "_"): {"count": jnp.zeros((), jnp.float32),
                                       "mean_uu": jnp.zeros((d_in, d_in), jnp.float32)}
                 for n, (d_in, _) in zip(lay.inner_params, lay.shapes)}
         return {"params": params, "stats": stats}
+
+    @property
+    def _second_moments(self) -> bool:
+        c = self.config
+        return c.whiten or c.project_keys or c.aggregate == "request_lstsq"
 
     def _transforms_u(self, d_in, d_out) -> bool:
         c = self.config
@@ -467,15 +488,37 @@ class MEND:
         out = {**stats, group: update_stats(stats[group],
                                             jax.lax.stop_gradient(cap.layer_inputs),
                                             jax.lax.stop_gradient(cap.output_grads), mask)}
-        if self.config.whiten or self.config.project_keys:
+        if self._second_moments:
             key = name.replace(".", "_")
             out["second_moments"] = {**stats["second_moments"], key: update_second_moment(
                 stats["second_moments"][key], cap.layer_inputs.astype(jnp.float32),
                 cap.token_mask)}
         return out
 
+    def _request_solve(self, stats: dict, name: str, cap: Captured, mask: jax.Array,
+                       transformed: tuple[jax.Array, jax.Array], n_requests: int | None):
+        """`aggregate: request_lstsq` for one weight, without the step size: X the raw keys of
+        the answer tokens, v_s = x_sᵀ Σ_{t in s's request} (P ũ_t) δ̃_tᵀ the output shift the
+        request's own (projected) update makes on its key, and (XᵀX + λC)⁻¹XᵀV."""
+        if n_requests is None:
+            raise ValueError("aggregate: request_lstsq needs the number of requests (the edit "
+                             "batch's rows)")
+        if cap.answer_mask is None:
+            raise ValueError("aggregate: request_lstsq needs a batch with labels")
+        acc = stats["second_moments"][name.replace(".", "_")]
+        u, d = transformed
+        if self.config.project_keys:
+            u = project_keys(acc, u.T, self.config.project_eps).T    # P ũ_t (P is symmetric)
+        keys = cap.layer_inputs.astype(jnp.float32) * (mask * cap.answer_mask)[:, None]
+        rows = lambda x: x.reshape(n_requests, -1, x.shape[-1])  # noqa: E731
+        gram = jnp.einsum("bsi,bti->bst", rows(keys), rows(u))    # within each request only
+        values = jnp.einsum("bst,bto->bso", gram, rows(d)).reshape(-1, d.shape[-1])
+        return ridge_solve(keys, values, jnp.asarray(self.config.request_lambda, jnp.float32),
+                           whitening_matrix(acc))
+
     def pseudo_gradients(self, params: dict, stats: dict, captured: Mapping[str, Captured],
-                         train: bool = False) -> tuple[dict, dict]:
+                         train: bool = False, n_requests: int | None = None
+                         ) -> tuple[dict, dict]:
         """({name: α_ℓ Σ_t ũ_t δ̃_tᵀ} or, lstsq, {name: α_ℓ (UᵀU + e^λ I)⁻¹ Uᵀ V}, stats).
 
         lstsq follows MALMEN: the keys U are the raw layer inputs of the selected tokens and
@@ -516,9 +559,12 @@ class MEND:
                 u, d = transformed[name]
                 values = jnp.sum(keys * u, -1, keepdims=True) * d
                 agg = ridge_solve(keys, values, jnp.exp(params["log_lambdas"][name]), reg)
+            elif cfg.aggregate == "request_lstsq":
+                agg = self._request_solve(stats, name, captured[name], standardised[name][2],
+                                          transformed[name], n_requests)
             else:
                 agg = pseudo_gradient(*transformed[name])
-            if cfg.project_keys:
+            if cfg.project_keys and cfg.aggregate == "sum":
                 agg = project_keys(stats["second_moments"][name.replace(".", "_")], agg,
                                    cfg.project_eps)
             updates[name] = params["edit_lrs"][name] * agg
@@ -539,13 +585,14 @@ class MEND:
         # The editor is not trained through the base model's backward pass (as the reference).
         shift = self.model.shift_labels
         loss_fn = None
-        if self.config.capture_loss == "per_request":
+        if self.config.capture_loss == "per_request" or self.config.aggregate == "request_lstsq":
             loss_fn = lambda logits, b: sequence_nll(logits, b["labels"], shift).sum()  # noqa: E731
         loss, captured, _ = capture(self.model, jax.lax.stop_gradient(model_params), edit_batch,
                                     self.layout.weights, loss_fn=loss_fn)
         captured = jax.lax.stop_gradient(captured)
         updates, stats = self.pseudo_gradients(editor_state["params"], editor_state["stats"],
-                                               captured, train=train)
+                                               captured, train=train,
+                                               n_requests=edit_batch["input_ids"].shape[0])
         return self.apply_updates(model_params, updates), stats, loss
 
     def edit(self, editor_state: dict, model_params: dict, edit_batch) -> dict:
