@@ -45,8 +45,8 @@ METRIC_KEYS = (
     "reliability", "generalization", "locality", "portability",
     "efficacy_score", "paraphrase_score", "neighborhood_score",
 )
-_MODEL_KEYS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask",
-               "labels", POSITIONS)
+MODEL_KEYS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask",
+              "labels", POSITIONS)
 # Probe kinds, several (prompt, target) pairs per request (rows weighted per request): measured
 # after the edit; neighbourhood also before it (`_group_fn`).
 def _outer_prompts(r: EditRequest) -> tuple[str, ...]:
@@ -72,7 +72,7 @@ _PARTNERS = {"edit_inner_true": "edit_inner", "edit_outer_true": "edit_outer",
 # ----------------------------------------------------------------------------- batches
 def _tokenize(tokenizer, pairs, **kw) -> dict[str, np.ndarray]:
     batch = tokenize_pairs(tokenizer, [p for p, _ in pairs], [t for _, t in pairs], **kw)
-    return {k: v for k, v in batch.items() if k in _MODEL_KEYS}
+    return {k: v for k, v in batch.items() if k in MODEL_KEYS}
 
 
 def _grouped(batch: dict[str, np.ndarray], n_groups: int) -> dict[str, np.ndarray]:

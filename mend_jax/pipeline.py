@@ -23,9 +23,10 @@ from mend_jax.artifacts import save_editor
 from mend_jax.checkpoint import load_best_editor
 from mend_jax.config import read_mapping, validate_config
 from mend_jax.data import EditRequest, load_requests
+from mend_jax.data.batching import tokenize_pairs
 from mend_jax.editors import make_editor
 from mend_jax.errors import ConfigError
-from mend_jax.evaluation import evaluate_editor, evaluate_sequential, format_table
+from mend_jax.evaluation import MODEL_KEYS, evaluate_editor, evaluate_sequential, format_table
 from mend_jax.loop import train_editor
 from mend_jax.models import Model, load_pretrained, save_pretrained
 from mend_jax.offline import (
@@ -211,9 +212,35 @@ def training_mesh(cfg: RunConfig) -> jax.sharding.Mesh:
 
 
 # The trained editor's options that change how an edit is computed, not what was learned: the
-# loss whose gradient is captured (per_request: each of k requests' δ as if edited alone) and the
-# token chunking (memory only). eval.py --set may change them; results record them.
-EDITOR_EVAL_OPTIONS = ("capture_loss", "chunk_tokens", "aggregate", "request_lambda")
+# loss whose gradient is captured (per_request: each of k requests' δ as if edited alone), the
+# token chunking (memory only) and how k requests combine: sum ↔ request_lstsq, with its λ and
+# preserved facts (lstsq learns a λ of its own: `_check_eval_aggregate`). eval.py --set may
+# change them; results record them.
+EDITOR_EVAL_OPTIONS = ("capture_loss", "chunk_tokens", "aggregate", "request_lambda",
+                       "request_preserve")
+
+
+def _preserved(cfg: RunConfig, prep: Prepared, editor, state: dict) -> dict:
+    """`aggregate: request_lstsq` with `request_preserve` N: the state with the answer-key
+    second moments of N true facts of the training split (other subjects' facts first, then
+    the edited subjects' own true answers), which the solve keeps still."""
+    ecfg = editor.config
+    if getattr(ecfg, "aggregate", None) != "request_lstsq" or not ecfg.request_preserve:
+        return state
+    train = prep.splits["train"]
+    facts = ([(r.loc_prompt, r.loc_target) for r in train]
+             + [(r.prompt, r.target_true) for r in train if r.target_true])
+    facts = facts[: ecfg.request_preserve]
+    if len(facts) < ecfg.request_preserve:
+        log.warning("request_preserve=%d: the training split has %d facts; using them all",
+                    ecfg.request_preserve, len(facts))
+    batches = []
+    for i in range(0, len(facts), 256):
+        chunk = facts[i: i + 256]
+        b = tokenize_pairs(prep.tokenizer, [p for p, _ in chunk], [t for _, t in chunk],
+                           max_length=cfg.model.max_length, **prep.model.pair_format)
+        batches.append({k: jnp.asarray(v) for k, v in b.items() if k in MODEL_KEYS})
+    return editor.preserve_keys(state, prep.model.params, batches)
 
 
 def evaluate_all(cfg: RunConfig | dict, prep: Prepared, mend, editor_state: dict, *,
@@ -245,6 +272,7 @@ def evaluate_all(cfg: RunConfig | dict, prep: Prepared, mend, editor_state: dict
                 log.info("eval method mend: the run's trained %s editor, reported as %r",
                          trained, trained)
             method, editor, state = trained, mend, editor_state
+            state = _preserved(cfg, prep, editor, state)
         elif method == "untrained":
             editor, state = mend, mend.init(jax.random.key(cfg.seed))
         else:

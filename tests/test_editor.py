@@ -434,11 +434,13 @@ def test_chunked_editor_equals_one_pass_with_its_gradient(model, opts, request):
         MENDConfig(chunk_tokens=0)
 
 
-@pytest.mark.parametrize("project", [False, True])
-def test_request_lstsq_asks_each_requests_own_update_of_its_answer_keys(model, project):
+@pytest.mark.parametrize("project,preserve", [(False, False), (True, False), (True, True)])
+def test_request_lstsq_asks_each_requests_own_update_of_its_answer_keys(model, project,
+                                                                        preserve):
     """`aggregate: request_lstsq`: the update of k requests together is the ridge solution
     (XᵀX + λC)⁻¹XᵀV over every request's answer-token keys X, each key's value being the shift
-    that request's own update (the sum editor's, edited alone) makes on it."""
+    that request's own update (the sum editor's, edited alone) makes on it; with preserved
+    facts, C + C_p, C_p their keys' second moment at their answer positions."""
     from mend_jax.capture import capture
     from mend_jax.editors.mend import whitening_matrix
 
@@ -455,6 +457,16 @@ def test_request_lstsq_asks_each_requests_own_update_of_its_answer_keys(model, p
         _, stats = solved.pseudo_gradients(state["params"], stats, cap, train=True,
                                            n_requests=b["input_ids"].shape[0])
     state = {"params": state["params"], "stats": stats}
+    reg = np.asarray(whitening_matrix(stats["second_moments"][name.replace(".", "_")]))
+    if preserve:
+        facts = decoder_batch(61, [9, 5, 8, 6], prompt_len=4, seed=7)
+        state = solved.preserve_keys(state, model.params, [facts])
+        _, cap, _ = capture(model, model.params, facts, [name])
+        on = np.asarray(cap[name].token_mask * cap[name].answer_mask) > 0
+        kp = np.asarray(cap[name].layer_inputs, np.float64)[on]
+        c_p = np.asarray(state["stats"]["preserved_keys"][name.replace(".", "_")]["mean_uu"])
+        np.testing.assert_allclose(c_p, kp.T @ kp / len(kp), rtol=1e-4, atol=1e-5)
+        reg = reg + c_p
     batch = decoder_batch(61, [7, 4, 9])
     rows = [jax.tree.map(lambda x, i=i: x[i:i + 1], batch) for i in range(3)]
     w = np.asarray(get_path(model.params, path), np.float64)
@@ -468,7 +480,6 @@ def test_request_lstsq_asks_each_requests_own_update_of_its_answer_keys(model, p
         keys.append(x)
         values.append(x @ update)
     x, v = np.concatenate(keys), np.concatenate(values)
-    reg = np.asarray(whitening_matrix(stats["second_moments"][name.replace(".", "_")]))
     want = np.linalg.solve(x.T @ x + 0.3 * reg, x.T @ v)
     got = w - np.asarray(get_path(solved.edit(state, model.params, batch), path))
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
@@ -476,3 +487,5 @@ def test_request_lstsq_asks_each_requests_own_update_of_its_answer_keys(model, p
     assert not np.allclose(got, sum(alone), rtol=0.05, atol=0.05 * np.abs(want).max())
     with pytest.raises(ValueError, match="chunk_tokens"):
         MENDConfig(aggregate="request_lstsq", chunk_tokens=8)
+    with pytest.raises(ValueError, match="request_preserve"):
+        MENDConfig(aggregate="request_lstsq", request_preserve=-1)

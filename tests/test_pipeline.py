@@ -123,17 +123,23 @@ def test_eval_cli_sets_the_editors_capture_loss(trained_run):
     for name, extra in (("default", []),
                         ("per_request", ["--set", "alg.editor.capture_loss=per_request"]),
                         ("request_lstsq", ["--set", "alg.editor.aggregate=request_lstsq",
-                                           "alg.editor.request_lambda=0.5"])):
+                                           "alg.editor.request_lambda=0.5"]),
+                        ("preserved", ["--set", "alg.editor.aggregate=request_lstsq",
+                                       "alg.editor.request_lambda=0.5",
+                                       "alg.editor.request_preserve=40"])):
         out = run_dir / f"eval_capture_{name}.json"
         assert eval_cli.main([str(run_dir), "--methods", "mend", "--n-edits", "1", "3",
                               "--max-examples", "6", "--out", str(out), *extra]) == 0
         runs[name] = json.loads(out.read_text())
     assert runs["default"]["3"]["mend"]["options"]["capture_loss"] == "batch_mean"
     assert runs["per_request"]["3"]["mend"]["options"]["capture_loss"] == "per_request"
-    solved = runs.pop("request_lstsq")["3"]["mend"]
+    solved, preserved = runs.pop("request_lstsq")["3"]["mend"], runs.pop("preserved")["3"]["mend"]
     assert solved["options"]["aggregate"] == "request_lstsq"
     assert solved["options"]["request_lambda"] == 0.5
+    assert (solved["options"]["request_preserve"], preserved["options"]["request_preserve"]) \
+        == (0, 40)
     assert abs(solved["locality_kl"] - runs["per_request"]["3"]["mend"]["locality_kl"]) > 1e-6
+    assert abs(solved["locality_kl"] - preserved["locality_kl"]) > 1e-7
     # lstsq learns its own λ (and this run projects its keys): refused before loading
     with pytest.raises(SystemExit):
         eval_cli.main([str(run_dir), "--methods", "mend", "--set",

@@ -121,8 +121,9 @@ def run(argv) -> int:
                         "evaluation-time options (alg.editor.capture_loss=per_request: k "
                         "requests' gradients each as if edited alone; "
                         "alg.editor.chunk_tokens=N; alg.editor.aggregate=request_lstsq "
-                        "with alg.editor.request_lambda=L: each of k requests' own update "
-                        "solved jointly on their keys); the trained parameters are as trained")
+                        "with alg.editor.request_lambda=L and request_preserve=N: each of k "
+                        "requests' own update solved jointly on their keys, keeping N training "
+                        "facts' keys still); the trained parameters are as trained")
     p.add_argument("--max-examples", type=positive_int, default=None)
     p.add_argument("--max-length", type=positive_int, default=None,
                    help="with --editor: token length of a row (default: the editor's)")

@@ -52,6 +52,11 @@ class MENDConfig:
     aggregate: str = "sum"
     init_log_lambda: float = 0.0  # initial λ of `aggregate: lstsq` (log scale)
     request_lambda: float = 30.0  # λ of `aggregate: request_lstsq`, in units of C
+    # request_lstsq: how many facts of the training split (true prompt → answer pairs) to
+    # measure, at evaluation, the second moment C_p of each weight's keys at their answer
+    # positions on (`MEND.preserve_keys`); the ridge term becomes λ(C + C_p), MEMIT's
+    # preserved-key covariance. 0: C alone.
+    request_preserve: int = 0
     # Which tokens the editor sees: "all" real tokens (MEND) or "answer" tokens only, the
     # positions whose output predicts a target token (MALMEN's `token: ans`).
     tokens: str = "all"
@@ -91,6 +96,10 @@ class MENDConfig:
         if self.aggregate == "request_lstsq" and self.chunk_tokens is not None:
             raise ValueError("chunk_tokens is not implemented for aggregate: request_lstsq "
                              "(set it to null)")
+        if (isinstance(self.request_preserve, bool) or not isinstance(self.request_preserve, int)
+                or self.request_preserve < 0):
+            raise ValueError(f"request_preserve must be an integer >= 0, got "
+                             f"{self.request_preserve!r}")
         if not self.request_lambda > 0:
             raise ValueError(f"request_lambda must be > 0, got {self.request_lambda!r}")
         if self.tokens not in ("all", "answer"):
@@ -513,8 +522,33 @@ class MEND:
         rows = lambda x: x.reshape(n_requests, -1, x.shape[-1])  # noqa: E731
         gram = jnp.einsum("bsi,bti->bst", rows(keys), rows(u))    # within each request only
         values = jnp.einsum("bst,bto->bso", gram, rows(d)).reshape(-1, d.shape[-1])
+        reg = whitening_matrix(acc)
+        if "preserved_keys" in stats:
+            reg = reg + stats["preserved_keys"][name.replace(".", "_")]["mean_uu"]
         return ridge_solve(keys, values, jnp.asarray(self.config.request_lambda, jnp.float32),
-                           whitening_matrix(acc))
+                           reg)
+
+    def preserve_keys(self, editor_state: dict, model_params: dict, batches) -> dict:
+        """The editor state with `stats["preserved_keys"]`: for every edited weight the second
+        moment C_p of its keys at the answer positions of `batches` (labelled facts the edits
+        should leave alone), which `aggregate: request_lstsq` adds to its ridge term."""
+        acc = {n.replace(".", "_"): {"count": jnp.zeros((), jnp.float32),
+                                     "mean_uu": jnp.zeros((d_in, d_in), jnp.float32)}
+               for n, (d_in, _) in zip(self.layout.inner_params, self.layout.shapes)}
+
+        @jax.jit
+        def merge(acc, batch):
+            _, captured, _ = capture(self.model, model_params, batch, self.layout.weights)
+            out = dict(acc)
+            for name, cap in captured.items():
+                key = name.replace(".", "_")
+                out[key] = update_second_moment(acc[key], cap.layer_inputs.astype(jnp.float32),
+                                                cap.token_mask * cap.answer_mask)
+            return out
+
+        for batch in batches:
+            acc = merge(acc, batch)
+        return {**editor_state, "stats": {**editor_state["stats"], "preserved_keys": acc}}
 
     def pseudo_gradients(self, params: dict, stats: dict, captured: Mapping[str, Captured],
                          train: bool = False, n_requests: int | None = None
