@@ -1,5 +1,7 @@
-"""Many edits in one call: one jitted k-edit `MEND.edit` (aggregate sum, lstsq, whitened lstsq)
-against k separate one-edit calls, on the previous offline default's model shape (geo_tiny).
+"""Many edits in one call: one jitted k-edit `MEND.edit` against k separate one-edit calls.
+
+Aggregates sum, lstsq, whitened lstsq and request_lstsq, on the previous offline default's
+model shape (geo_tiny).
 
 Usage:
 
@@ -53,6 +55,7 @@ def aggregate_variants() -> dict:
         "sum": MENDConfig(),
         "lstsq": MENDConfig(aggregate="lstsq", tokens="answer"),
         "lstsq_whiten": MENDConfig(aggregate="lstsq", tokens="answer", whiten=True),
+        "request_lstsq": MENDConfig(aggregate="request_lstsq"),
     }
 
 
@@ -60,7 +63,7 @@ def main(argv=None) -> None:
     p = common.base_parser(__doc__.splitlines()[0])
     p.add_argument("--edits", type=int, default=1000, help="k: edits in the one batched call")
     p.add_argument("--aggregates", default="sum,lstsq,lstsq_whiten",
-                   help="comma-separated rows: sum, lstsq, lstsq_whiten")
+                   help="comma-separated rows: sum, lstsq, lstsq_whiten, request_lstsq")
     p.add_argument("--chunk-tokens", default="none",
                    help="comma-separated MENDConfig.chunk_tokens values, 'none' for one pass; "
                         "a row per aggregate and value")
