@@ -485,6 +485,9 @@ def test_request_lstsq_asks_each_requests_own_update_of_its_answer_keys(model, p
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
     # it is not the sum of the requests' own updates
     assert not np.allclose(got, sum(alone), rtol=0.05, atol=0.05 * np.abs(want).max())
+    # a request alone has nothing to reconcile: its own update, exactly
+    one = w - np.asarray(get_path(solved.edit(state, model.params, rows[1]), path))
+    np.testing.assert_allclose(one, alone[1], rtol=1e-5, atol=1e-6 * np.abs(alone[1]).max())
     with pytest.raises(ValueError, match="chunk_tokens"):
         MENDConfig(aggregate="request_lstsq", chunk_tokens=8)
     with pytest.raises(ValueError, match="request_preserve"):

@@ -48,7 +48,7 @@ class MENDConfig:
     # with δ from its own loss) is asked of that request's answer-token keys only, all k at once
     # by one ridge solve (XᵀX + λC)⁻¹XᵀV, C the keys' running second moment, λ `request_lambda`:
     # the requests' updates stop adding up on each other's keys and on the keys the model
-    # usually sees.
+    # usually sees. A single request keeps its own update (the sum's).
     aggregate: str = "sum"
     init_log_lambda: float = 0.0  # initial λ of `aggregate: lstsq` (log scale)
     request_lambda: float = 30.0  # λ of `aggregate: request_lstsq`, in units of C
@@ -577,6 +577,9 @@ class MEND:
             if names:
                 out = self._transform_group(params, [(n, standardised[n]) for n in names])
                 transformed.update(zip(names, out))
+        # request_lstsq: one request has nothing to reconcile and keeps its own update (the
+        # solve would give the minimum-norm update meeting it on its answer keys only)
+        solve_requests = cfg.aggregate == "request_lstsq" and n_requests != 1
         updates = {}
         for name in lay.inner_params:
             keys = reg = None
@@ -593,12 +596,12 @@ class MEND:
                 u, d = transformed[name]
                 values = jnp.sum(keys * u, -1, keepdims=True) * d
                 agg = ridge_solve(keys, values, jnp.exp(params["log_lambdas"][name]), reg)
-            elif cfg.aggregate == "request_lstsq":
+            elif solve_requests:
                 agg = self._request_solve(stats, name, captured[name], standardised[name][2],
                                           transformed[name], n_requests)
             else:
                 agg = pseudo_gradient(*transformed[name])
-            if cfg.project_keys and cfg.aggregate == "sum":
+            if cfg.project_keys and not solve_requests:
                 agg = project_keys(stats["second_moments"][name.replace(".", "_")], agg,
                                    cfg.project_eps)
             updates[name] = params["edit_lrs"][name] * agg
