@@ -120,10 +120,10 @@ def test_eval_cli_sets_the_editors_capture_loss(trained_run):
 
     run_dir, _ = trained_run
     runs = {}
-    for name, extra in (("default", []),
-                        ("per_request", ["--set", "alg.editor.capture_loss=per_request"]),
-                        ("request_lstsq", ["--set", "alg.editor.aggregate=request_lstsq",
-                                           "alg.editor.request_lambda=0.5"]),
+    summed = ["--set", "alg.editor.aggregate=sum"]
+    for name, extra in (("default", summed),
+                        ("per_request", [*summed, "alg.editor.capture_loss=per_request"]),
+                        ("request_lstsq", ["--set", "alg.editor.request_lambda=0.5"]),
                         ("preserved", ["--set", "alg.editor.aggregate=request_lstsq",
                                        "alg.editor.request_lambda=0.5",
                                        "alg.editor.request_preserve=40"])):
@@ -131,8 +131,14 @@ def test_eval_cli_sets_the_editors_capture_loss(trained_run):
         assert eval_cli.main([str(run_dir), "--methods", "mend", "--n-edits", "1", "3",
                               "--max-examples", "6", "--out", str(out), *extra]) == 0
         runs[name] = json.loads(out.read_text())
+    # the run trained with the CPU default's request_lstsq (one request per step: the sum's
+    # update) and is evaluated with sum for these two
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["alg"]["editor"]["aggregate"] == "request_lstsq"
+    assert runs["default"]["3"]["mend"]["options"]["aggregate"] == "sum"
     assert runs["default"]["3"]["mend"]["options"]["capture_loss"] == "batch_mean"
     assert runs["per_request"]["3"]["mend"]["options"]["capture_loss"] == "per_request"
+    solved_one = runs["request_lstsq"]["1"]["mend"]["locality_kl"]
     solved, preserved = runs.pop("request_lstsq")["3"]["mend"], runs.pop("preserved")["3"]["mend"]
     assert solved["options"]["aggregate"] == "request_lstsq"
     assert solved["options"]["request_lambda"] == 0.5
@@ -140,6 +146,9 @@ def test_eval_cli_sets_the_editors_capture_loss(trained_run):
         == (0, 40)
     assert abs(solved["locality_kl"] - runs["per_request"]["3"]["mend"]["locality_kl"]) > 1e-6
     assert abs(solved["locality_kl"] - preserved["locality_kl"]) > 1e-7
+    # request_lstsq at k = 1: the request's own update, as with sum
+    assert solved_one == pytest.approx(runs["default"]["1"]["mend"]["locality_kl"], rel=1e-4,
+                                       abs=1e-7)
     # lstsq learns its own λ (and this run projects its keys): refused before loading
     with pytest.raises(SystemExit):
         eval_cli.main([str(run_dir), "--methods", "mend", "--set",
