@@ -558,9 +558,12 @@ class MEND:
         lstsq follows MALMEN: the keys U are the raw layer inputs of the selected tokens and
         each value v_t = (u_t · ũ_t) δ̃_t is the shift of the layer's output on u_t that the
         token's own MEND term ũ_t δ̃_tᵀ would make; the solve asks all of them of one matrix at
-        once instead of summing the terms. With `train`, as the reference, each weight's
-        tokens are merged into its group's statistics right before that weight is normalised,
-        so in a shared group later weights see the statistics of earlier ones too."""
+        once instead of summing the terms. request_lstsq (`n_requests`: the edit batch's rows,
+        one request each) asks each request's own summed update of its answer keys, all at once
+        (`_request_solve`); one request keeps its own update. With `train`, as the reference,
+        each weight's tokens are merged into its group's statistics right before that weight is
+        normalised, so in a shared group later weights see the statistics of earlier ones
+        too."""
         lay = self.layout
         standardised = {}
         for name in lay.inner_params:
