@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,8 +185,12 @@ class ScalarLog:
 def train_editor(trainer: MetaTrainer, model_params, train_requests, val_requests, tokenizer, *,
                  run_dir: str | Path, cfg: LoopConfig, seed: int, max_length: int,
                  resume: bool = False, progress: bool = True, meta: dict | None = None,
-                 mesh: jax.sharding.Mesh | None = None) -> dict:
+                 mesh: jax.sharding.Mesh | None = None,
+                 prepare_editor: Callable[[dict], dict] | None = None) -> dict:
     """Meta-train until max_steps or early stopping; returns the summary (best step, val loss).
+
+    `prepare_editor` maps the fresh editor state before step 0 (the pipeline fills the
+    preserved keys with it); a resumed run restores what it saved instead.
 
     With a `mesh`, the step runs through `make_sharded_step` (batches over its "data" axis,
     large weights over "model"); without one, on the default device."""
@@ -197,6 +201,8 @@ def train_editor(trainer: MetaTrainer, model_params, train_requests, val_request
                    max_length=max_length, **trainer.model.pair_format)
     ckpt = Checkpoints(run_dir)
     state = trainer.init(jax.random.key(seed))
+    if prepare_editor is not None and not (resume and ckpt.latest_step() is not None):
+        state = {**state, "editor": prepare_editor(state["editor"])}
     book = {"step": 0, "best_val": None, "select_on": cfg.select_on, "best_step": None,
             "since_best": 0,
             "n_skipped": 0, "val_history": [], "config": meta or {}}

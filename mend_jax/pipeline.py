@@ -213,19 +213,26 @@ def training_mesh(cfg: RunConfig) -> jax.sharding.Mesh:
 
 # The trained editor's options that change how an edit is computed, not what was learned: the
 # loss whose gradient is captured (per_request: each of k requests' δ as if edited alone), the
-# token chunking (memory only) and how k requests combine: sum ↔ request_lstsq, with its λ and
-# preserved facts (lstsq learns a λ of its own: `_check_eval_aggregate`). eval.py --set may
-# change them; results record them.
+# token chunking (memory only), how k requests combine: sum ↔ request_lstsq, with its λ and
+# preserved facts (lstsq learns a λ of its own: `_check_eval_aggregate`), the preserved
+# facts' weight in the key projection, and whether sequential edits keep earlier edits' keys
+# (lifelong). eval.py --set may change them; results record them.
 EDITOR_EVAL_OPTIONS = ("capture_loss", "chunk_tokens", "aggregate", "request_lambda",
-                       "request_preserve")
+                       "request_eps", "request_preserve", "preserve_weight", "lifelong")
 
 
-def _preserved(cfg: RunConfig, prep: Prepared, editor, state: dict) -> dict:
-    """`aggregate: request_lstsq` with `request_preserve` N: the state with the answer-key
-    second moments of N true facts of the training split (other subjects' facts first, then
-    the edited subjects' own true answers), which the solve keeps still."""
+def evaluation_state(cfg: RunConfig, prep: Prepared, editor, state: dict) -> dict:
+    """The editor state as its evaluation-time options need it. With `request_preserve` N (and
+    request_lstsq or `preserve_weight`): the answer-key second moments of N true facts of the
+    training split (other subjects' facts first, then the edited subjects' own true answers),
+    which the edits keep still; with `lifelong`, an empty record of earlier edits' keys if the
+    run trained without one."""
     ecfg = editor.config
-    if getattr(ecfg, "aggregate", None) != "request_lstsq" or not ecfg.request_preserve:
+    if getattr(ecfg, "lifelong", False) and "edited_keys" not in state["stats"]:
+        # a run trained without it: sequential editing starts with no earlier edit
+        state = {**state, "stats": {**state["stats"], "edited_keys": editor.zero_moments()}}
+    if not getattr(ecfg, "request_preserve", 0) or not (
+            ecfg.aggregate == "request_lstsq" or ecfg.preserve_weight):
         return state
     train = prep.splits["train"]
     facts = ([(r.loc_prompt, r.loc_target) for r in train]
@@ -272,7 +279,7 @@ def evaluate_all(cfg: RunConfig | dict, prep: Prepared, mend, editor_state: dict
                 log.info("eval method mend: the run's trained %s editor, reported as %r",
                          trained, trained)
             method, editor, state = trained, mend, editor_state
-            state = _preserved(cfg, prep, editor, state)
+            state = evaluation_state(cfg, prep, editor, state)
         elif method == "untrained":
             editor, state = mend, mend.init(jax.random.key(cfg.seed))
         else:
@@ -326,7 +333,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool) -> tuple[Path, dict]:
     summary = train_editor(trainer, prep.model.params, prep.splits["train"], prep.splits["val"],
                            prep.tokenizer, run_dir=run_dir, cfg=cfg.alg.loop, seed=cfg.seed,
                            max_length=cfg.model.max_length, resume=resume,
-                           progress=cfg.progress, mesh=training_mesh(cfg))
+                           progress=cfg.progress, mesh=training_mesh(cfg),
+                           prepare_editor=lambda st: evaluation_state(cfg, prep, mend, st))
     editor_state, _ = load_best_editor(run_dir, mend.init(jax.random.key(0)))
     t1 = time.time()
     results = evaluate_all(cfg, prep, mend, editor_state, progress=cfg.progress)
@@ -396,13 +404,15 @@ def load_run(run_dir: str | Path, overrides: dict | None = None) -> tuple[RunCon
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.exists():
         raise FileNotFoundError(f"{run_dir}: no config.yaml (is this a train.py output folder?)")
-    cfg = validate_config(read_mapping(cfg_file))
-    trained = cfg.alg.editor
-    cfg = cfg.replace(out_dir=str(run_dir), **(overrides or {}))
-    _check_eval_aggregate(run_dir, trained, cfg.alg.editor)
+    run_cfg = validate_config(read_mapping(cfg_file))
+    cfg = run_cfg.replace(out_dir=str(run_dir), **(overrides or {}))
+    _check_eval_aggregate(run_dir, run_cfg.alg.editor, cfg.alg.editor)
     prep = prepare(cfg, progress=False)
     mend = build_editor(cfg, prep.model)
-    state, _ = load_best_editor(run_dir, mend.init(jax.random.key(0)))
+    # The checkpoint holds what the run trained (its state's structure: e.g. preserved keys),
+    # whatever evaluation-time options change; `evaluate_all` adds what they need.
+    like = build_editor(run_cfg, prep.model).init(jax.random.key(0))
+    state, _ = load_best_editor(run_dir, like)
     return cfg, prep, mend, state
 
 

@@ -157,3 +157,20 @@ def test_torch_baseline_matches_mend_jax(kind):
     for n in editor.layout.inner_params:
         np.testing.assert_allclose(float(tm.editor.edit_lrs.grad[tm.editor.index[n]]),
                                    float(grads["edit_lrs"][n]), rtol=1e-3)
+
+
+def test_pairwise_locality_predicts_a_groups_losses_from_its_single_edits():
+    """`bench/pairwise_locality.py`: request j's locality fact is lost in a group when some
+    edit of that group broke it alone; pairs are counted off the diagonal."""
+    mod = _load("pairwise_locality")
+    broken = np.zeros((4, 4), bool)
+    broken[0, 1] = True      # edit 0 breaks request 1's fact
+    broken[2, 2] = True      # edit 2 breaks its own fact
+    broken[3, 0] = True      # edit 3 breaks request 0's fact (another group below)
+    order = np.array([0, 1, 2, 3])
+    assert mod.union_drawdown(broken, order, 2) == 0.5          # groups {0,1}: 1; {2,3}: 2
+    assert mod.union_drawdown(broken, order, 4) == 0.75         # 0, 1, 2
+    assert mod.union_drawdown(broken, np.array([0, 2, 1, 3]), 2) == 0.25   # {0,2}: 2 only
+    assert mod.union_drawdown(broken, order, 3) == 2 / 3        # {0,1,2}; 3 dropped
+    rates = mod.pair_rates(broken, {"all": np.ones((4, 4), bool)})
+    assert rates["all"] == (12, 2 / 12)

@@ -384,7 +384,10 @@ def test_jit_edit_returns_the_edit_sharing_every_unchanged_leaf(model):
 
 
 @pytest.mark.parametrize("opts", [dict(), dict(aggregate="lstsq", tokens="answer"),
-                                  dict(aggregate="lstsq", whiten=True, init_log_lambda=3.0)])
+                                  # the slowest compile: with the slow tests (`-m slow`)
+                                  pytest.param(dict(aggregate="lstsq", whiten=True,
+                                                    init_log_lambda=3.0),
+                                               marks=pytest.mark.slow)])
 def test_chunked_editor_equals_one_pass_with_its_gradient(model, opts, request):
     """chunk_tokens runs the editor over a few rows at a time (padding the last chunk): the
     updates and the editor's gradient equal the one-pass editor's."""
@@ -492,3 +495,100 @@ def test_request_lstsq_asks_each_requests_own_update_of_its_answer_keys(model, p
         MENDConfig(aggregate="request_lstsq", chunk_tokens=8)
     with pytest.raises(ValueError, match="request_preserve"):
         MENDConfig(aggregate="request_lstsq", request_preserve=-1)
+
+
+def test_preserve_weight_projects_the_update_off_the_preserved_facts_keys(model):
+    """`preserve_weight` μ: the summed update is projected by P = s(M + εsI)⁻¹ with
+    M = C + μ·C_p (C the keys' running second moment, C_p the second moment of the preserved
+    facts' answer keys) and s = tr(M)/d, instead of by C alone."""
+    from mend_jax.capture import capture
+
+    name = "transformer.h.2.mlp.c_fc.weight"
+    path, key = model.names.path(name), name.replace(".", "_")
+    opts = dict(edit_lr=1e-2, capture_loss="per_request")
+    raw = MEND(model, [name], MENDConfig(**opts))
+    kept = MEND(model, [name], MENDConfig(**opts, project_keys=True, project_eps=0.05,
+                                          request_preserve=4, preserve_weight=3.0))
+    state = kept.init(jax.random.key(0))
+    assert float(state["stats"]["preserved_keys"][key]["count"]) == 0.0   # filled later
+    stats = state["stats"]
+    for b in (decoder_batch(61, [7, 4, 9], seed=5), decoder_batch(61, [6, 8], seed=4)):
+        _, cap, _ = capture(model, model.params, b, [name])
+        _, stats = kept.pseudo_gradients(state["params"], stats, cap, train=True, n_requests=1)
+    facts = decoder_batch(61, [9, 5, 8, 6], prompt_len=4, seed=7)
+    state = kept.preserve_keys({"params": state["params"], "stats": stats}, model.params, [facts])
+    c = np.asarray(state["stats"]["second_moments"][key]["mean_uu"], np.float64)
+    c_p = np.asarray(state["stats"]["preserved_keys"][key]["mean_uu"], np.float64)
+    assert np.abs(c_p).max() > 0
+    batch = decoder_batch(61, [7, 4, 9])
+    w = np.asarray(get_path(model.params, path), np.float64)
+    summed = w - np.asarray(get_path(raw.edit(state, model.params, batch), path))
+    got = w - np.asarray(get_path(kept.edit(state, model.params, batch), path))
+
+    def projected(m):
+        s = np.trace(m) / len(m)
+        return s * np.linalg.solve(m + 0.05 * s * np.eye(len(m)), summed)
+
+    want = projected(c + 3.0 * c_p)
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+    assert not np.allclose(got, projected(c), rtol=0.05, atol=0.05 * np.abs(want).max())
+    for bad, match in (({"preserve_weight": -1.0, "request_preserve": 4}, "preserve_weight"),
+                       ({"preserve_weight": 1.0}, "request_preserve"),
+                       ({"preserve_weight": 1.0, "request_preserve": 4, "project_keys": False},
+                        "project_keys")):
+        with pytest.raises(ValueError, match=match):
+            MENDConfig(**{"project_keys": True, **bad})
+
+
+def test_lifelong_request_lstsq_leaves_the_keys_of_earlier_edits_alone(model):
+    """`lifelong`: an edit call adds its answer keys to the state (E = Σ x xᵀ), and a later
+    call's update is (XᵀX + E + λC)⁻¹XᵀV: the earlier keys enter as rows of value zero."""
+    from mend_jax.capture import capture
+    from mend_jax.editing import jit_edit
+    from mend_jax.editors.mend import whitening_matrix
+
+    name = "transformer.h.2.mlp.c_fc.weight"
+    path, key = model.names.path(name), name.replace(".", "_")
+    opts = dict(edit_lr=1e-2, capture_loss="per_request", project_keys=True)
+    summed = MEND(model, [name], MENDConfig(**opts))
+    solved = MEND(model, [name], MENDConfig(**opts, aggregate="request_lstsq",
+                                            request_lambda=0.3, lifelong=True))
+    assert solved.stateful and not summed.stateful
+    state = solved.init(jax.random.key(0))
+    stats = state["stats"]
+    for b in (decoder_batch(61, [7, 4, 9], seed=5), decoder_batch(61, [6, 8], seed=4)):
+        _, cap, _ = capture(model, model.params, b, [name])
+        _, stats = solved.pseudo_gradients(state["params"], stats, cap, train=True,
+                                           n_requests=b["input_ids"].shape[0])
+    state = {"params": state["params"], "stats": stats}
+    reg = 0.3 * np.asarray(whitening_matrix(stats["second_moments"][key]), np.float64)
+
+    def answer_keys(params, batch):
+        _, cap, _ = capture(model, params, batch, [name])
+        on = np.asarray(cap[name].token_mask * cap[name].answer_mask) > 0
+        return np.asarray(cap[name].layer_inputs, np.float64)[on]
+
+    first, second = decoder_batch(61, [5, 8], seed=9), decoder_batch(61, [7, 4, 9])
+    edit = jit_edit(solved, stateful=True)
+    params, state1 = edit(state, model.params, first)
+    k1 = answer_keys(model.params, first)
+    e = np.asarray(state1["stats"]["edited_keys"][key]["count"]) * np.asarray(
+        state1["stats"]["edited_keys"][key]["mean_uu"], np.float64)
+    np.testing.assert_allclose(e, k1.T @ k1, rtol=1e-4, atol=1e-4 * np.abs(k1.T @ k1).max())
+    rows = [jax.tree.map(lambda x, i=i: x[i:i + 1], second) for i in range(3)]
+    w = np.asarray(get_path(params, path), np.float64)
+    keys, values = [], []
+    for r in rows:
+        x = answer_keys(params, r)
+        keys.append(x)
+        values.append(x @ (w - np.asarray(get_path(summed.edit(state, params, r), path))))
+    x, v = np.concatenate(keys), np.concatenate(values)
+    new, state2 = edit(state1, params, second)
+    got = w - np.asarray(get_path(new, path))
+    want = np.linalg.solve(x.T @ x + reg + e, x.T @ v)
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+    assert not np.allclose(got, np.linalg.solve(x.T @ x + reg, x.T @ v), rtol=0.05,
+                           atol=0.05 * np.abs(want).max())
+    assert float(state2["stats"]["edited_keys"][key]["count"]) == len(k1) + len(x)
+    with pytest.raises(ValueError, match="lifelong"):
+        MENDConfig(lifelong=True)

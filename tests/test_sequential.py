@@ -114,6 +114,23 @@ def test_ultraedit_in_sequential_evaluation_threads_its_state(setup):  # noqa: F
     assert jnp.isfinite(r["locality_kl"])
 
 
+def test_lifelong_mend_in_sequential_evaluation_threads_its_edited_keys(setup):  # noqa: F811
+    """With `lifelong` the second batch's solve keeps the first batch's keys (E ≠ 0), so the
+    runs part after the first batch; without it each batch is solved alone."""
+    model, tokenizer = setup
+    opts = dict(rank=8, aggregate="request_lstsq", request_lambda=1.0, edit_lr=1e-2)
+    runs = {}
+    for lifelong in (False, True):
+        editor = MEND(model, config=MENDConfig(**opts, lifelong=lifelong))
+        runs[lifelong] = evaluate_sequential(
+            model, editor, editor.init(jax.random.key(0)), model.params, REQUESTS, tokenizer,
+            n_edits=3, n_batches=2, max_length=MAX_LENGTH, seed=0)
+    plain, kept = runs[False], runs[True]
+    assert len(kept["retained_curve"]) == 2
+    assert kept["retained_curve"][0] == plain["retained_curve"][0]
+    assert abs(kept["locality_kl"] - plain["locality_kl"]) > 1e-6 * plain["locality_kl"]
+
+
 class _Scale:
     """A stand-in editor that multiplies every parameter by a factor: two batches of ×0.5 must
     compound to ×0.25 if each batch is edited into the previous batch's model."""

@@ -369,3 +369,58 @@ def test_the_loop_validates_and_saves_the_averaged_editor(tmp_path):
         np.testing.assert_array_equal(saved, ema)
     assert any(not np.array_equal(e, r) for e, r in zip(
         jax.tree.leaves(state["ema"]), jax.tree.leaves(state["editor"]["params"])))
+
+
+def test_the_loop_trains_with_the_preserved_keys_it_was_given_and_resumes_with_them(tmp_path):
+    """`train_editor(prepare_editor=...)` maps the fresh editor state before step 0 (the
+    pipeline fills the preserved keys with it): the preserved keys reach the checkpoints
+    unchanged by training, and a resumed run restores them instead of preparing again."""
+    import json
+
+    from mend_jax.checkpoint import Checkpoints
+    from mend_jax.data import load_requests
+    from mend_jax.loop import LoopConfig, train_editor
+    from mend_jax.offline import build_word_tokenizer
+
+    tok = build_word_tokenizer(["The capital of France is Paris", "France's capital city is",
+                                "who wrote Hamlet Shakespeare", "Lyon Rome Berlin"])
+    cfg = transformers.GPT2Config(vocab_size=len(tok), n_positions=16, n_embd=16, n_layer=2,
+                                  n_head=2, bos_token_id=tok.bos_token_id,
+                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = from_config(cfg, seed=0, tokenizer=tok)
+    record = {"src": "The capital of France is", "answers": ["Paris"],
+              "rephrase": "France's capital city is", "loc": "who wrote Hamlet",
+              "loc_ans": "Shakespeare"}
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps([{**record, "alt": alt} for alt in ["Lyon", "Rome", "Berlin"] * 2]))
+    requests = load_requests(path, "zsre")
+    editor = MEND(model, config=MENDConfig(rank=8, project_keys=True, request_preserve=3,
+                                           preserve_weight=2.0))
+    trainer = MetaTrainer(editor, TrainConfig(lr=1e-2))
+    calls = []
+
+    def prepare(state):
+        calls.append(1)
+        kept = jax.tree.map(lambda x: x + 0.5, state["stats"]["preserved_keys"])
+        return {**state, "stats": {**state["stats"], "preserved_keys": kept}}
+
+    def run(steps, resume):
+        train_editor(trainer, model.params, requests[:4], requests[4:], tok, run_dir=tmp_path / "r",
+                     max_length=16, seed=0, progress=False, resume=resume, prepare_editor=prepare,
+                     cfg=LoopConfig(max_steps=steps, batch_size=2, val_every=100, val_batches=1,
+                                    save_every=1))
+        ckpt = Checkpoints(tmp_path / "r")
+        state, _ = ckpt.restore_latest(trainer.init(jax.random.key(1)))
+        ckpt.close()
+        return state
+
+    state = run(1, False)
+    assert len(calls) == 1
+    for leaf in jax.tree.leaves(state["editor"]["stats"]["preserved_keys"]):
+        np.testing.assert_array_equal(np.asarray(leaf), 0.5)
+    # the running second moments did train (the preserved keys are not among them)
+    assert any(float(v["count"]) > 0 for v in state["editor"]["stats"]["second_moments"].values())
+    state = run(2, True)
+    assert len(calls) == 1 and int(state["step"]) == 2
+    for leaf in jax.tree.leaves(state["editor"]["stats"]["preserved_keys"]):
+        np.testing.assert_array_equal(np.asarray(leaf), 0.5)

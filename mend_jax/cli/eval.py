@@ -123,7 +123,10 @@ def run(argv) -> int:
                         "alg.editor.chunk_tokens=N; alg.editor.aggregate=request_lstsq "
                         "with alg.editor.request_lambda=L and request_preserve=N: each of k "
                         "requests' own update solved jointly on their keys, keeping N training "
-                        "facts' keys still); the trained parameters are as trained")
+                        "facts' keys still; alg.editor.preserve_weight=W: those facts' keys "
+                        "in the key projection too; alg.editor.lifelong=true with "
+                        "--sequential: later edits leave earlier edits' keys alone); the "
+                        "trained parameters are as trained")
     p.add_argument("--max-examples", type=positive_int, default=None)
     p.add_argument("--max-length", type=positive_int, default=None,
                    help="with --editor: token length of a row (default: the editor's)")

@@ -52,11 +52,29 @@ class MENDConfig:
     aggregate: str = "sum"
     init_log_lambda: float = 0.0  # initial λ of `aggregate: lstsq` (log scale)
     request_lambda: float = 30.0  # λ of `aggregate: request_lstsq`, in units of C
-    # request_lstsq: how many facts of the training split (true prompt → answer pairs) to
-    # measure, at evaluation, the second moment C_p of each weight's keys at their answer
-    # positions on (`MEND.preserve_keys`); the ridge term becomes λ(C + C_p), MEMIT's
-    # preserved-key covariance. 0: C alone.
+    # request_lstsq's floor under C: C + ε·s·I (s = mean(diag C)). C's smallest eigenvalues are
+    # tiny, so at ε = 1e-3 the solve may move rare key directions by far more than the weight's
+    # own norm (measured in the README); a larger ε bounds the update.
+    request_eps: float = 1e-3
+    # How many facts of the training split (true prompt → answer pairs) to measure the second
+    # moment C_p of each weight's keys at their answer positions on (`MEND.preserve_keys`;
+    # before evaluation, and with `preserve_weight` before training too). request_lstsq's ridge
+    # term becomes λ(C + C_p), MEMIT's preserved-key covariance. 0: C alone.
     request_preserve: int = 0
+    # AlphaEdit's preserved knowledge in the key projection: with `preserve_weight` μ > 0 the
+    # key second moment that `project_keys` projects by (and request_lstsq regularises by) is
+    # C + μ·C_p, C_p the answer-key second moment of `request_preserve` true facts, so the update
+    # is damped along the keys at which the model recalls the facts it knows. The preserved
+    # moments are part of the editor state (`MEND.preserve_keys` fills them; training does so
+    # before step 0, so the editor learns under the projection) and are saved with it.
+    preserve_weight: float = 0.0
+    # Lifelong request_lstsq (sequential editing; AlphaEdit's term for earlier edits): the
+    # answer keys of every earlier edit call are kept in the state (E = Σ x xᵀ, `edited_keys`),
+    # and each later solve asks its update to leave their outputs where those edits put them:
+    # (XᵀX + E + λ(C + C_p))⁻¹XᵀV, as if they were rows with value zero. The editor is then
+    # stateful (`edit_and_update`), and a single request is solved too (its answer keys asked
+    # of its own update, with the rest). Training is unaffected (E stays empty there).
+    lifelong: bool = False
     # Which tokens the editor sees: "all" real tokens (MEND) or "answer" tokens only, the
     # positions whose output predicts a target token (MALMEN's `token: ans`).
     tokens: str = "all"
@@ -100,6 +118,18 @@ class MENDConfig:
                 or self.request_preserve < 0):
             raise ValueError(f"request_preserve must be an integer >= 0, got "
                              f"{self.request_preserve!r}")
+        if self.lifelong and self.aggregate != "request_lstsq":
+            raise ValueError("lifelong needs aggregate: request_lstsq")
+        if not self.preserve_weight >= 0:
+            raise ValueError(f"preserve_weight must be >= 0, got {self.preserve_weight!r}")
+        if self.preserve_weight and not self.request_preserve:
+            raise ValueError("preserve_weight needs request_preserve > 0 (the number of true facts "
+                             "whose answer keys are preserved)")
+        if self.preserve_weight and not (self.project_keys or self.aggregate == "request_lstsq"):
+            raise ValueError("preserve_weight needs project_keys: true or aggregate: "
+                             "request_lstsq (it enters their key second moment)")
+        if not self.request_eps > 0:
+            raise ValueError(f"request_eps must be > 0, got {self.request_eps!r}")
         if not self.request_lambda > 0:
             raise ValueError(f"request_lambda must be > 0, got {self.request_lambda!r}")
         if self.tokens not in ("all", "answer"):
@@ -375,11 +405,35 @@ class MEND:
             params["log_lambdas"] = {n: jnp.asarray(cfg.init_log_lambda, jnp.float32)
                                      for n in lay.inner_params}
         if self._second_moments:
-            stats["second_moments"] = {
-                n.replace(".", "_"): {"count": jnp.zeros((), jnp.float32),
-                                      "mean_uu": jnp.zeros((d_in, d_in), jnp.float32)}
-                for n, (d_in, _) in zip(lay.inner_params, lay.shapes)}
+            stats["second_moments"] = self.zero_moments()
+        if cfg.preserve_weight:
+            stats["preserved_keys"] = self.zero_moments()  # filled by `preserve_keys`
+        if cfg.lifelong:
+            stats["edited_keys"] = self.zero_moments()     # grows with every edit call
         return {"params": params, "stats": stats}
+
+    def zero_moments(self) -> dict:
+        """{weight key: an empty running second moment of its keys}."""
+        return {n.replace(".", "_"): {"count": jnp.zeros((), jnp.float32),
+                                      "mean_uu": jnp.zeros((d_in, d_in), jnp.float32)}
+                for n, (d_in, _) in zip(self.layout.inner_params, self.layout.shapes)}
+
+    def _key_moment(self, stats: dict, name: str) -> dict:
+        """The keys' second moment the projection and request_lstsq use: C, or with
+        `preserve_weight` μ and preserved keys in the state, C + μ·C_p."""
+        key = name.replace(".", "_")
+        acc = stats["second_moments"][key]
+        mu = self.config.preserve_weight
+        if not mu or "preserved_keys" not in stats:
+            return acc
+        kept = stats["preserved_keys"][key]
+        return {"count": acc["count"] + kept["count"],
+                "mean_uu": acc["mean_uu"] + mu * kept["mean_uu"]}
+
+    @property
+    def stateful(self) -> bool:
+        """Whether an edit changes the editor state (`lifelong`: `edit_and_update`)."""
+        return self.config.lifelong
 
     @property
     def _second_moments(self) -> bool:
@@ -514,7 +568,7 @@ class MEND:
                              "batch's rows)")
         if cap.answer_mask is None:
             raise ValueError("aggregate: request_lstsq needs a batch with labels")
-        acc = stats["second_moments"][name.replace(".", "_")]
+        acc = self._key_moment(stats, name)
         u, d = transformed
         if self.config.project_keys:
             u = project_keys(acc, u.T, self.config.project_eps).T    # P ũ_t (P is symmetric)
@@ -522,19 +576,22 @@ class MEND:
         rows = lambda x: x.reshape(n_requests, -1, x.shape[-1])  # noqa: E731
         gram = jnp.einsum("bsi,bti->bst", rows(keys), rows(u))    # within each request only
         values = jnp.einsum("bst,bto->bso", gram, rows(d)).reshape(-1, d.shape[-1])
-        reg = whitening_matrix(acc)
-        if "preserved_keys" in stats:
-            reg = reg + stats["preserved_keys"][name.replace(".", "_")]["mean_uu"]
-        return ridge_solve(keys, values, jnp.asarray(self.config.request_lambda, jnp.float32),
-                           reg)
+        key = name.replace(".", "_")
+        lam = jnp.asarray(self.config.request_lambda, jnp.float32)
+        reg = whitening_matrix(acc, self.config.request_eps)
+        if self.config.request_preserve and "preserved_keys" in stats:
+            reg = reg + stats["preserved_keys"][key]["mean_uu"]
+        reg = lam * reg
+        if "edited_keys" in stats:   # lifelong: earlier edits' keys, as rows of value zero
+            reg = reg + stats["edited_keys"][key]["count"] * stats["edited_keys"][key]["mean_uu"]
+        return ridge_solve(keys, values, jnp.asarray(1.0, jnp.float32), reg)
 
     def preserve_keys(self, editor_state: dict, model_params: dict, batches) -> dict:
         """The editor state with `stats["preserved_keys"]`: for every edited weight the second
         moment C_p of its keys at the answer positions of `batches` (labelled facts the edits
-        should leave alone), which `aggregate: request_lstsq` adds to its ridge term."""
-        acc = {n.replace(".", "_"): {"count": jnp.zeros((), jnp.float32),
-                                     "mean_uu": jnp.zeros((d_in, d_in), jnp.float32)}
-               for n, (d_in, _) in zip(self.layout.inner_params, self.layout.shapes)}
+        should leave alone), which `aggregate: request_lstsq` adds to its ridge term and which,
+        with `preserve_weight` μ, joins the keys' second moment as μ·C_p."""
+        acc = self.zero_moments()
 
         @jax.jit
         def merge(acc, batch):
@@ -582,7 +639,8 @@ class MEND:
                 transformed.update(zip(names, out))
         # request_lstsq: one request has nothing to reconcile and keeps its own update (the
         # solve would give the minimum-norm update meeting it on its answer keys only)
-        solve_requests = cfg.aggregate == "request_lstsq" and n_requests != 1
+        solve_requests = cfg.aggregate == "request_lstsq" and (
+            n_requests != 1 or ("edited_keys" in stats and not train))
         updates = {}
         for name in lay.inner_params:
             keys = reg = None
@@ -605,8 +663,7 @@ class MEND:
             else:
                 agg = pseudo_gradient(*transformed[name])
             if cfg.project_keys and not solve_requests:
-                agg = project_keys(stats["second_moments"][name.replace(".", "_")], agg,
-                                   cfg.project_eps)
+                agg = project_keys(self._key_moment(stats, name), agg, cfg.project_eps)
             updates[name] = params["edit_lrs"][name] * agg
         return updates, stats
 
@@ -622,6 +679,10 @@ class MEND:
     def edit_with_stats(self, editor_state: dict, model_params: dict, edit_batch,
                         train: bool = False) -> tuple[dict, dict, jax.Array]:
         """(new model params, new stats, pre-edit loss). With train=True stats absorb the edit."""
+        return self._edit(editor_state, model_params, edit_batch, train)[:3]
+
+    def _edit(self, editor_state: dict, model_params: dict, edit_batch, train: bool):
+        """`edit_with_stats`'s (params, stats, loss) and the captured (u, δ)."""
         # The editor is not trained through the base model's backward pass (as the reference).
         shift = self.model.shift_labels
         loss_fn = None
@@ -633,9 +694,24 @@ class MEND:
         updates, stats = self.pseudo_gradients(editor_state["params"], editor_state["stats"],
                                                captured, train=train,
                                                n_requests=edit_batch["input_ids"].shape[0])
-        return self.apply_updates(model_params, updates), stats, loss
+        return self.apply_updates(model_params, updates), stats, loss, captured
 
     def edit(self, editor_state: dict, model_params: dict, edit_batch) -> dict:
         """Pure, jit-able edit: one request or k requests at once (their tokens are pooled)."""
         check_edit_batch(self.model, edit_batch)
         return self.edit_with_stats(editor_state, model_params, edit_batch, train=False)[0]
+
+    def edit_and_update(self, editor_state: dict, model_params: dict, edit_batch
+                        ) -> tuple[dict, dict]:
+        """(edited params, editor state): `edit`, and with `lifelong` the state's `edited_keys`
+        grown by this call's answer keys, which later calls leave alone."""
+        check_edit_batch(self.model, edit_batch)
+        new, _, _, captured = self._edit(editor_state, model_params, edit_batch, train=False)
+        if not self.config.lifelong:
+            return new, editor_state
+        kept = dict(editor_state["stats"]["edited_keys"])
+        for name, cap in captured.items():
+            key = name.replace(".", "_")
+            kept[key] = update_second_moment(kept[key], cap.layer_inputs.astype(jnp.float32),
+                                             selected_tokens(cap) * cap.answer_mask)
+        return new, {**editor_state, "stats": {**editor_state["stats"], "edited_keys": kept}}
