@@ -187,7 +187,8 @@ def edit(
     rephrases: Rephrases | None = None,
     tokenizer: Any = None,
     max_length: int | None = None,
-) -> dict:
+    return_state: bool = False,
+) -> dict | tuple[dict, dict]:
     """Edit `params` so that each prompt continues with its target: k edits in one call.
 
     For a sequence classifier (`model.targets == "class"`) a prompt is the text to classify
@@ -203,8 +204,12 @@ def edit(
         The compiled edit is kept on the editor and reused by later calls whose batch has the
         same shape (rows x max_length); a fixed max_length keeps a loop over facts of
         different lengths from compiling once per length.
+      return_state: also return the editor state for the next call. A stateful editor
+        (`editor.stateful`: MEND with `lifelong`, UltraEdit) records this edit in it, so that
+        sequential calls keep earlier edits; others return `editor_state` as given.
     Returns:
-      The edited parameters (a new pytree; only the edited weights are new arrays).
+      The edited parameters (a new pytree; only the edited weights are new arrays); with
+      `return_state`, (edited parameters, editor state).
     Raises:
       EditInputError (a ValueError) for mismatched lengths, empty prompts or targets, a
       target that encodes to the tokenizer's unknown token, a pair longer than `max_length` or
@@ -222,7 +227,11 @@ def edit(
     rows_p = list(prompts) + [r for rs in extra for r in rs]
     rows_t = list(targets) + [t for t, rs in zip(targets, extra) for _ in rs]
     batch = _batch(model, tokenizer, rows_p, rows_t, max_length, "edit")
-    return jit_edit(editor)(editor_state, params, batch)
+    if getattr(editor, "stateful", False):
+        new, state = jit_edit(editor, stateful=True)(editor_state, params, batch)
+        return (new, state) if return_state else new
+    new = jit_edit(editor)(editor_state, params, batch)
+    return (new, editor_state) if return_state else new
 
 
 # What the compiled statistics read of a model (not its params, which are arguments).

@@ -231,6 +231,10 @@ def evaluation_state(cfg: RunConfig, prep: Prepared, editor, state: dict) -> dic
     if getattr(ecfg, "lifelong", False) and "edited_keys" not in state["stats"]:
         # a run trained without it: sequential editing starts with no earlier edit
         state = {**state, "stats": {**state["stats"], "edited_keys": editor.zero_moments()}}
+    if not getattr(ecfg, "request_preserve", 0) and "preserved_keys" in state["stats"]:
+        # a run trained with preserved facts, evaluated with request_preserve=0: none kept
+        state = {**state, "stats": {k: v for k, v in state["stats"].items()
+                                    if k != "preserved_keys"}}
     if not getattr(ecfg, "request_preserve", 0) or not (
             ecfg.aggregate == "request_lstsq" or ecfg.preserve_weight):
         return state

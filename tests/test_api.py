@@ -123,6 +123,31 @@ def test_edit_with_strings_equals_the_editor_on_a_hand_built_batch(tiny):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
 
+def test_sequential_edits_through_the_api_carry_a_lifelong_editors_state(tiny):
+    """`edit(..., return_state=True)`: a lifelong editor's state records each call's answer
+    keys, and the next call, given it, is solved against them; a stateless editor's state comes
+    back as given."""
+    opts = dict(rank=8, edit_lr=0.3, aggregate="request_lstsq", request_lambda=1.0)
+    lifelong = mend_jax.MEND(tiny, INNER, mend_jax.MENDConfig(**opts, lifelong=True))
+    state = lifelong.init(jax.random.key(0))
+    key = INNER[0].replace(".", "_")
+    p1, s1 = mend_jax.edit(tiny, tiny.params, lifelong, state, PROMPTS[:1], TARGETS[:1],
+                           return_state=True)
+    n1 = float(s1["stats"]["edited_keys"][key]["count"])
+    assert n1 > 0 and float(state["stats"]["edited_keys"][key]["count"]) == 0
+    p2, s2 = mend_jax.edit(tiny, p1, lifelong, s1, PROMPTS[1:], TARGETS[1:], return_state=True)
+    assert float(s2["stats"]["edited_keys"][key]["count"]) > n1
+    # the second call with the fresh state (no earlier keys) is another update
+    p2_fresh = mend_jax.edit(tiny, p1, lifelong, state, PROMPTS[1:], TARGETS[1:])
+    path = tiny.names.path(INNER[1])
+    assert not np.allclose(np.asarray(get_path(p2, path)), np.asarray(get_path(p2_fresh, path)))
+    plain = mend_jax.MEND(tiny, INNER, mend_jax.MENDConfig(rank=8))
+    plain_state = plain.init(jax.random.key(0))
+    _, same = mend_jax.edit(tiny, tiny.params, plain, plain_state, PROMPTS, TARGETS,
+                            return_state=True)
+    assert same is plain_state
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(prompts=PROMPTS, targets=["Lyon"]), "edit: 2 prompts but 1 targets"),
     (dict(prompts=PROMPTS, targets=["Lyon", " "]), "edit: target 1 is empty"),

@@ -542,7 +542,8 @@ def test_preserve_weight_projects_the_update_off_the_preserved_facts_keys(model)
 
 def test_lifelong_request_lstsq_leaves_the_keys_of_earlier_edits_alone(model):
     """`lifelong`: an edit call adds its answer keys to the state (E = Σ x xᵀ), and a later
-    call's update is (XᵀX + E + λC)⁻¹XᵀV: the earlier keys enter as rows of value zero."""
+    call's update is (XᵀX + E + λ(C + ε·s·I))⁻¹XᵀV: the earlier keys enter as rows of value
+    zero (ε `request_eps`, s = mean(diag C))."""
     from mend_jax.capture import capture
     from mend_jax.editing import jit_edit
     from mend_jax.editors.mend import whitening_matrix
@@ -552,7 +553,8 @@ def test_lifelong_request_lstsq_leaves_the_keys_of_earlier_edits_alone(model):
     opts = dict(edit_lr=1e-2, capture_loss="per_request", project_keys=True)
     summed = MEND(model, [name], MENDConfig(**opts))
     solved = MEND(model, [name], MENDConfig(**opts, aggregate="request_lstsq",
-                                            request_lambda=0.3, lifelong=True))
+                                            request_lambda=0.3, request_eps=0.05,
+                                            lifelong=True))
     assert solved.stateful and not summed.stateful
     state = solved.init(jax.random.key(0))
     stats = state["stats"]
@@ -561,7 +563,7 @@ def test_lifelong_request_lstsq_leaves_the_keys_of_earlier_edits_alone(model):
         _, stats = solved.pseudo_gradients(state["params"], stats, cap, train=True,
                                            n_requests=b["input_ids"].shape[0])
     state = {"params": state["params"], "stats": stats}
-    reg = 0.3 * np.asarray(whitening_matrix(stats["second_moments"][key]), np.float64)
+    reg = 0.3 * np.asarray(whitening_matrix(stats["second_moments"][key], 0.05), np.float64)
 
     def answer_keys(params, batch):
         _, cap, _ = capture(model, params, batch, [name])
@@ -592,3 +594,5 @@ def test_lifelong_request_lstsq_leaves_the_keys_of_earlier_edits_alone(model):
     assert float(state2["stats"]["edited_keys"][key]["count"]) == len(k1) + len(x)
     with pytest.raises(ValueError, match="lifelong"):
         MENDConfig(lifelong=True)
+    with pytest.raises(ValueError, match="request_eps"):
+        MENDConfig(aggregate="request_lstsq", request_eps=0.0)

@@ -579,7 +579,7 @@ class MEND:
         key = name.replace(".", "_")
         lam = jnp.asarray(self.config.request_lambda, jnp.float32)
         reg = whitening_matrix(acc, self.config.request_eps)
-        if self.config.request_preserve and "preserved_keys" in stats:
+        if "preserved_keys" in stats:
             reg = reg + stats["preserved_keys"][key]["mean_uu"]
         reg = lam * reg
         if "edited_keys" in stats:   # lifelong: earlier edits' keys, as rows of value zero
