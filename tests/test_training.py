@@ -334,12 +334,11 @@ def test_ema_averages_the_editor_parameters_and_is_what_selected_returns():
         TrainConfig(ema=1.0)
 
 
-def test_the_loop_validates_and_saves_the_averaged_editor(tmp_path):
+def _loop_setup(tmp_path):
+    """(tokenizer, a 2-layer GPT-2, six zsRE requests) for a few steps of the training loop."""
     import json
 
-    from mend_jax.checkpoint import Checkpoints, load_best_editor
     from mend_jax.data import load_requests
-    from mend_jax.loop import LoopConfig, train_editor
     from mend_jax.offline import build_word_tokenizer
 
     tok = build_word_tokenizer(["The capital of France is Paris", "France's capital city is",
@@ -354,6 +353,14 @@ def test_the_loop_validates_and_saves_the_averaged_editor(tmp_path):
     path = tmp_path / "train.json"
     path.write_text(json.dumps([{**record, "alt": alt} for alt in ["Lyon", "Rome", "Berlin"] * 2]))
     requests = load_requests(path, "zsre")
+    return tok, model, requests
+
+
+def test_the_loop_validates_and_saves_the_averaged_editor(tmp_path):
+    from mend_jax.checkpoint import Checkpoints, load_best_editor
+    from mend_jax.loop import LoopConfig, train_editor
+
+    tok, model, requests = _loop_setup(tmp_path)
     trainer = MetaTrainer(MEND(model, config=MENDConfig(rank=8)),
                           TrainConfig(lr=1e-2, accumulate=1, ema=0.7))
     run = tmp_path / "run"
@@ -375,25 +382,10 @@ def test_the_loop_trains_with_the_preserved_keys_it_was_given_and_resumes_with_t
     """`train_editor(prepare_editor=...)` maps the fresh editor state before step 0 (the
     pipeline fills the preserved keys with it): the preserved keys reach the checkpoints
     unchanged by training, and a resumed run restores them instead of preparing again."""
-    import json
-
     from mend_jax.checkpoint import Checkpoints
-    from mend_jax.data import load_requests
     from mend_jax.loop import LoopConfig, train_editor
-    from mend_jax.offline import build_word_tokenizer
 
-    tok = build_word_tokenizer(["The capital of France is Paris", "France's capital city is",
-                                "who wrote Hamlet Shakespeare", "Lyon Rome Berlin"])
-    cfg = transformers.GPT2Config(vocab_size=len(tok), n_positions=16, n_embd=16, n_layer=2,
-                                  n_head=2, bos_token_id=tok.bos_token_id,
-                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    model = from_config(cfg, seed=0, tokenizer=tok)
-    record = {"src": "The capital of France is", "answers": ["Paris"],
-              "rephrase": "France's capital city is", "loc": "who wrote Hamlet",
-              "loc_ans": "Shakespeare"}
-    path = tmp_path / "train.json"
-    path.write_text(json.dumps([{**record, "alt": alt} for alt in ["Lyon", "Rome", "Berlin"] * 2]))
-    requests = load_requests(path, "zsre")
+    tok, model, requests = _loop_setup(tmp_path)
     editor = MEND(model, config=MENDConfig(rank=8, project_keys=True, request_preserve=3,
                                            preserve_weight=2.0))
     trainer = MetaTrainer(editor, TrainConfig(lr=1e-2))
