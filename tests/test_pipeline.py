@@ -124,6 +124,7 @@ def test_eval_cli_sets_the_editors_capture_loss(trained_run):
     for name, extra in (("default", summed),
                         ("per_request", [*summed, "alg.editor.capture_loss=per_request"]),
                         ("request_lstsq", ["--set", "alg.editor.request_lambda=0.5"]),
+                        # the CPU default trains with preserved facts (all of this split's)
                         ("preserved", ["--set", "alg.editor.aggregate=request_lstsq",
                                        "alg.editor.request_lambda=0.5",
                                        "alg.editor.request_preserve=40"])):
@@ -143,7 +144,8 @@ def test_eval_cli_sets_the_editors_capture_loss(trained_run):
     assert solved["options"]["aggregate"] == "request_lstsq"
     assert solved["options"]["request_lambda"] == 0.5
     assert (solved["options"]["request_preserve"], preserved["options"]["request_preserve"]) \
-        == (0, 40)
+        == (2000, 40)
+    assert solved["options"]["preserve_weight"] == 4.0
     assert abs(solved["locality_kl"] - runs["per_request"]["3"]["mend"]["locality_kl"]) > 1e-6
     assert abs(solved["locality_kl"] - preserved["locality_kl"]) > 1e-7
     # request_lstsq at k = 1: the request's own update, as with sum
@@ -356,14 +358,15 @@ def test_resume_logs_to_stderr_and_accumulates_train_time(trained_run, capfd):
 
 def test_the_batched_config_is_the_measured_override_set():
     """`alg=mend_batched` is exactly the override set whose results the README quotes (on
-    the default of the time: no key projection, checkpoint of lowest edit loss; the preset
-    keeps the schema's project_eps, unused without the projection)."""
+    the default of the time: no key projection, no preserved facts, checkpoint of lowest edit
+    loss; the preset keeps the schema's project_eps, unused without the projection)."""
     import dataclasses
 
     from mend_jax.config import load_config
 
     measured = load_config([
         "alg.editor.project_keys=false", "alg.editor.project_eps=0.1",
+        "alg.editor.request_preserve=0", "alg.editor.preserve_weight=0.0",
         "alg.loop.select_on=edit_loss", "alg.editor.aggregate=lstsq",
         "alg.editor.tokens=answer", "alg.editor.whiten=true",
         "alg.editor.capture_loss=per_request", "alg.editor.init_log_lambda=4.6",
