@@ -254,6 +254,15 @@ def evaluation_state(cfg: RunConfig, prep: Prepared, editor, state: dict) -> dic
     return editor.preserve_keys(state, prep.model.params, batches)
 
 
+def _preserved_for_training(cfg: RunConfig, prep: Prepared, editor):
+    """The hook that fills the preserved keys before step 0, for an editor that trains with them
+    (`preserve_weight`; its fresh state holds them, empty). Otherwise none: the state keeps the
+    structure `editor.init` gives it, which is what the run's checkpoints restore into."""
+    if not getattr(editor.config, "preserve_weight", 0):
+        return None
+    return lambda state: evaluation_state(cfg, prep, editor, state)
+
+
 def evaluate_all(cfg: RunConfig | dict, prep: Prepared, mend, editor_state: dict, *,
                  methods=None, requests=None, n_edits: int | None = None,
                  progress: bool = False, sequential: int | None = None) -> dict:
@@ -338,7 +347,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool) -> tuple[Path, dict]:
                            prep.tokenizer, run_dir=run_dir, cfg=cfg.alg.loop, seed=cfg.seed,
                            max_length=cfg.model.max_length, resume=resume,
                            progress=cfg.progress, mesh=training_mesh(cfg),
-                           prepare_editor=lambda st: evaluation_state(cfg, prep, mend, st))
+                           prepare_editor=_preserved_for_training(cfg, prep, mend))
     editor_state, _ = load_best_editor(run_dir, mend.init(jax.random.key(0)))
     t1 = time.time()
     results = evaluate_all(cfg, prep, mend, editor_state, progress=cfg.progress)

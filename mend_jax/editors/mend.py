@@ -53,8 +53,8 @@ class MENDConfig:
     init_log_lambda: float = 0.0  # initial λ of `aggregate: lstsq` (log scale)
     request_lambda: float = 30.0  # λ of `aggregate: request_lstsq`, in units of C
     # request_lstsq's floor under C: C + ε·s·I (s = mean(diag C)). C's smallest eigenvalues are
-    # tiny, so at ε = 1e-3 the solve may move rare key directions by far more than the weight's
-    # own norm (measured in the README); a larger ε bounds the update.
+    # tiny, so the solve may move rare key directions by far more than the weight's own norm; a
+    # larger ε damps them (README: 1e-3 to 1.0 measured by k).
     request_eps: float = 1e-3
     # How many facts of the training split (true prompt → answer pairs) to measure the second
     # moment C_p of each weight's keys at their answer positions on (`MEND.preserve_keys`;
