@@ -399,8 +399,9 @@ def evaluate_sequential(
 
     Returns `evaluate_editor`'s keys measured on the final model over all T·k edits (edit
     success and generality retained; drawdown, KL and neighbourhood accuracy against the base
-    model), plus `n_batches` and `retained_curve`: the edit success over the edits made so far,
-    after each batch.
+    model), plus `n_batches`, `retained_curve`: the edit success over the edits made so far,
+    after each batch, and `drawdown_curve`: the drawdown on all T·k unrelated facts after each
+    batch.
     """
     if n_edits < 1 or n_batches < 1:
         raise ValueError(f"n_edits and n_batches must be >= 1, got {n_edits}, {n_batches}")
@@ -418,7 +419,8 @@ def evaluate_sequential(
     correct = jax.jit(lambda p, rows: _chunked(lambda r: _post_stats(model, p, r), rows,
                                                batch_size)["correct_post"])
     flat = {kind: _flat(b) for kind, b in batches.items()}
-    params, state, curve, edit_time = model_params, editor_state, [], 0.0
+    loc_pre = float(np.mean(np.asarray(correct(model_params, flat["loc"]))))
+    params, state, curve, drawdowns, edit_time = model_params, editor_state, [], [], 0.0
     for t, group in enumerate(groups):
         start = time.perf_counter()
         params, state = jax.block_until_ready(edit(state, params, _edit_batch(editor, group)))
@@ -427,6 +429,8 @@ def evaluate_sequential(
         # later batches are measured too and dropped here, so there is a single compile).
         ok = np.asarray(correct(params, flat["edit_inner"]))
         curve.append(float(ok[: (t + 1) * n_edits].mean()))
+        # drawdown on every request's unrelated fact, as the final one is measured
+        drawdowns.append(loc_pre - float(np.mean(np.asarray(correct(params, flat["loc"])))))
     edit_time /= n_batches
     paired_kinds = ("edit_inner", "loc") + (("neighborhood",) if "neighborhood" in flat else ())
     measure = jax.jit(lambda p, rows: _chunked(
@@ -441,7 +445,7 @@ def evaluate_sequential(
     loc = cat["loc"]
     kl = float(np.sum(loc["kl_sum"]) / max(float(np.sum(loc["kl_count"])), 1.0))
     return _summary(cat, weights, kl, n_edits=n_edits, n_batches=n_batches, n_examples=total,
-                    edit_time_s=edit_time, retained_curve=curve)
+                    edit_time_s=edit_time, retained_curve=curve, drawdown_curve=drawdowns)
 
 
 def _flat(batch: dict) -> dict:
@@ -526,21 +530,26 @@ def plot_vs_n_edits(results_by_n: Mapping[int, Mapping[str, Mapping[str, Any]]],
 
 def plot_sequential(results_by_n: Mapping[int, Mapping[str, Mapping[str, Any]]],
                     path: str | Path) -> Path:
-    """PNG of the retained edit success after each sequential batch, one line per method."""
+    """PNG of the retained edit success (top) and the drawdown (below) after each sequential
+    batch, one line per method."""
     FigureCanvasAgg, Figure = _matplotlib()
 
-    fig = Figure(figsize=(6 * len(results_by_n), 3.6))
+    fig = Figure(figsize=(6 * len(results_by_n), 7.2))
     FigureCanvasAgg(fig)
+    n = len(results_by_n)
     for i, (k, results) in enumerate(sorted(results_by_n.items())):
-        ax = fig.add_subplot(1, len(results_by_n), i + 1)
-        for method, r in results.items():
-            curve = r.get("retained_curve") or []
-            ax.plot([(t + 1) * k for t in range(len(curve))], curve, marker="o", label=method)
-        ax.set_xlabel(f"edits made (batches of {k})")
-        ax.set_ylabel("retained edit success")
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
-        ax.legend()
+        for row, (key, label) in enumerate((("retained_curve", "retained edit success"),
+                                            ("drawdown_curve", "drawdown"))):
+            ax = fig.add_subplot(2, n, row * n + i + 1)
+            for method, r in results.items():
+                curve = r.get(key) or []
+                ax.plot([(t + 1) * k for t in range(len(curve))], curve, marker="o",
+                        label=method)
+            ax.set_xlabel(f"edits made (batches of {k})")
+            ax.set_ylabel(label)
+            ax.set_ylim(-0.02, 1.02)
+            ax.grid(alpha=0.3)
+            ax.legend()
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,9 @@ class Prepared:
     tokenizer: Any
     splits: dict[str, list[EditRequest]]
     info: dict
+    # answer-key second moments of preserved facts measured on this base model, by (facts,
+    # sequence length, edited weights): training and evaluation in one process measure them once
+    preserved: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 def as_config(cfg: RunConfig | dict) -> RunConfig:
@@ -218,7 +221,8 @@ def training_mesh(cfg: RunConfig) -> jax.sharding.Mesh:
 # facts' weight in the key projection, and whether sequential edits keep earlier edits' keys
 # (lifelong). eval.py --set may change them; results record them.
 EDITOR_EVAL_OPTIONS = ("capture_loss", "chunk_tokens", "aggregate", "request_lambda",
-                       "request_eps", "request_preserve", "preserve_weight", "lifelong")
+                       "request_eps", "request_preserve", "preserve_weight", "lifelong",
+                       "request_single")
 
 
 def evaluation_state(cfg: RunConfig, prep: Prepared, editor, state: dict) -> dict:
@@ -238,6 +242,10 @@ def evaluation_state(cfg: RunConfig, prep: Prepared, editor, state: dict) -> dic
     if not getattr(ecfg, "request_preserve", 0) or not (
             ecfg.aggregate == "request_lstsq" or ecfg.preserve_weight):
         return state
+    key = (ecfg.request_preserve, cfg.model.max_length, tuple(editor.layout.inner_params),
+           id(prep.model.params))
+    if key in prep.preserved:
+        return {**state, "stats": {**state["stats"], "preserved_keys": prep.preserved[key]}}
     train = prep.splits["train"]
     facts = ([(r.loc_prompt, r.loc_target) for r in train]
              + [(r.prompt, r.target_true) for r in train if r.target_true])
@@ -251,7 +259,9 @@ def evaluation_state(cfg: RunConfig, prep: Prepared, editor, state: dict) -> dic
         b = tokenize_pairs(prep.tokenizer, [p for p, _ in chunk], [t for _, t in chunk],
                            max_length=cfg.model.max_length, **prep.model.pair_format)
         batches.append({k: jnp.asarray(v) for k, v in b.items() if k in MODEL_KEYS})
-    return editor.preserve_keys(state, prep.model.params, batches)
+    state = editor.preserve_keys(state, prep.model.params, batches)
+    prep.preserved[key] = state["stats"]["preserved_keys"]
+    return state
 
 
 def _preserved_for_training(cfg: RunConfig, prep: Prepared, editor):

@@ -308,3 +308,37 @@ def test_eval_cli_reports_an_artifacts_editor_under_its_kind(model, monkeypatch)
     assert got["ke"]["state"] is not got["ft"]["state"]
     with pytest.raises(ValueError, match="some/editor holds a ke editor"):
         eval_cli._evaluate_editor_folder(src, REQUESTS, ["enn"], 1, 12)
+
+
+def test_preserved_keys_are_measured_once_per_base_model_and_fact_count(model):
+    """`evaluation_state` measures the preserved facts' answer keys once per prepared base model
+    and count (training's hook and the evaluation after it share the measurement); another count
+    or another base model is measured anew."""
+    from mend_jax import pipeline
+
+    def setup(n):
+        cfg = load_config([f"alg.editor.request_preserve={n}", "alg.editor.preserve_weight=1.0",
+                           "model.max_length=12"])
+        cfg = cfg.replace(**{"model.inner_params": INNER})
+        editor = pipeline.build_editor(cfg, model)
+        calls = []
+        measure = editor.preserve_keys
+        editor.preserve_keys = lambda *a: calls.append(1) or measure(*a)
+        return cfg, editor, calls
+
+    prep = pipeline.Prepared(model, TOKENIZER, {"train": REQUESTS}, {})
+    cfg, editor, calls = setup(3)
+    first = pipeline.evaluation_state(cfg, prep, editor, editor.init(jax.random.key(0)))
+    fresh = editor.init(jax.random.key(1))
+    again = pipeline.evaluation_state(cfg, prep, editor, fresh)
+    assert len(calls) == 1
+    for a, b in zip(jax.tree.leaves(first["stats"]["preserved_keys"]),
+                    jax.tree.leaves(again["stats"]["preserved_keys"])):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert float(jax.tree.leaves(first["stats"]["preserved_keys"])[0]) > 0   # a count
+    assert again["params"] is fresh["params"]   # the state's own, the keys added
+    cfg2, editor2, calls2 = setup(2)
+    pipeline.evaluation_state(cfg2, prep, editor2, editor2.init(jax.random.key(0)))
+    other = pipeline.Prepared(model, TOKENIZER, {"train": REQUESTS}, {})
+    pipeline.evaluation_state(cfg, other, editor, editor.init(jax.random.key(0)))
+    assert (len(calls2), len(calls)) == (1, 2)

@@ -81,6 +81,7 @@ def test_one_sequential_batch_equals_a_batched_edit(setup, method):  # noqa: F81
                 "locality"):
         assert seq[key] == pytest.approx(one[key], abs=1e-6), key
     assert seq["retained_curve"] == [pytest.approx(one["edit_success"])]
+    assert seq["drawdown_curve"] == [pytest.approx(one["drawdown"], abs=1e-6)]
 
 
 def test_sequential_batches_build_on_each_other(setup, tmp_path):  # noqa: F811
@@ -96,6 +97,9 @@ def test_sequential_batches_build_on_each_other(setup, tmp_path):  # noqa: F811
     assert r["n_examples"] == 6 and r["n_batches"] == 2 and len(r["retained_curve"]) == 2
     assert r["retained_curve"][0] == pytest.approx(first["edit_success"])
     assert r["edit_success"] == pytest.approx(r["retained_curve"][-1])
+    # drawdown after each batch on all six requests' unrelated facts; the last is the final one
+    assert len(r["drawdown_curve"]) == 2 and r["drawdown"] == pytest.approx(
+        r["drawdown_curve"][-1], abs=1e-6)
     assert r["edit_success"] > r["pre_edit_success"]
     assert r["locality_kl"] > first["locality_kl"] > 0
     with pytest.raises(ValueError, match="needs 9 requests"):

@@ -175,6 +175,8 @@ def run(argv) -> int:
             for method, r in by_n[k].items():
                 print(f"  retained ES after each batch, {method}: "
                       + " ".join(f"{v:.3f}" for v in r["retained_curve"]))
+                print(f"  drawdown after each batch, {method}: "
+                      + " ".join(f"{v:.3f}" for v in r["drawdown_curve"]))
     out = Path(args.out) if args.out else (Path(args.run_dir) / "eval_results.json"
                                            if args.run_dir else Path("eval_results.json"))
     single = len(by_n) == 1
