@@ -66,8 +66,8 @@ def main(argv=None) -> None:
     state = evaluation_state(cfg, prep, mend, state)
     requests = prep.splits["test"][: args.n]
     model = prep.model
-    batches, _ = ev._prepare(requests, prep.tokenizer, 1, max_length=cfg.model.max_length,
-                             **model.pair_format)
+    _, batches, _ = ev.edit_groups(model, requests, prep.tokenizer, 1, seed=None,
+                                   max_length=cfg.model.max_length)
     loc = {k: jnp.asarray(v[:, 0]) for k, v in batches["loc"].items()}
     edits = {k: jnp.asarray(v) for k, v in batches["edit_inner"].items()}
 
@@ -92,7 +92,9 @@ def main(argv=None) -> None:
              "broken by edit i alone": f"{rate:.4f}"} for kind, (n, rate) in rates.items()]
     table = common.markdown_table(rows, list(rows[0]))
     # the groups eval.py forms: the requests shuffled with the run's seed, k at a time
-    order = np.asarray([requests.index(r) for r in ev._shuffled(requests, cfg.seed)])
+    shuffled = ev.edit_groups(model, requests, prep.tokenizer, 1, seed=cfg.seed,
+                              max_length=cfg.model.max_length)[0]
+    order = np.asarray([requests.index(r) for r in shuffled])
     krows = []
     for k in args.k:
         row = {"k": k, "predicted drawdown (union of single edits)":

@@ -300,6 +300,26 @@ def _shuffled(requests: Sequence[EditRequest], seed: int | None) -> list[EditReq
     return [requests[i] for i in np.random.default_rng(seed).permutation(len(requests))]
 
 
+def edit_groups(model, requests: Sequence[EditRequest], tokenizer, n_edits: int, *,
+                max_length: int, seed: int | None = 0, max_target_length: int | None = None
+                ) -> tuple[list[EditRequest], dict, dict]:
+    """The groups `evaluate_editor` edits: (the requests in evaluation order, `seed`-shuffled
+    and cut to whole groups of `n_edits`; their batches [groups, rows, L] per probe kind
+    ("edit_inner", "loc", "edit_outer", ...), group g's edit batch being `edit_inner`'s [g];
+    the probe rows' weights [groups, k, width] per kind)."""
+    if n_edits < 1:
+        raise ValueError(f"n_edits must be >= 1, got {n_edits}")
+    requests = _shuffled(requests, seed)
+    n_groups = len(requests) // n_edits
+    if n_groups == 0:
+        raise ValueError(f"n_edits={n_edits} but only {len(requests)} requests to evaluate")
+    requests = requests[: n_groups * n_edits]
+    batches, weights = _prepare(requests, tokenizer, n_edits, **model.pair_format,
+                                max_length=max_length, max_target_length=max_target_length)
+    check_edit_batch(model, batches)
+    return requests, batches, weights
+
+
 def evaluate_editor(
     model,
     editor,
@@ -337,16 +357,10 @@ def evaluate_editor(
       `neighborhood_acc_pre` (the base model) and `portability` are
       None when no request has such probes.
     """
-    if n_edits < 1:
-        raise ValueError(f"n_edits must be >= 1, got {n_edits}")
-    requests = _shuffled(requests, seed)
+    requests, batches, weights = edit_groups(model, requests, tokenizer, n_edits, seed=seed,
+                                             max_length=max_length,
+                                             max_target_length=max_target_length)
     n_groups = len(requests) // n_edits
-    if n_groups == 0:
-        raise ValueError(f"n_edits={n_edits} but only {len(requests)} requests to evaluate")
-    requests = requests[: n_groups * n_edits]
-    batches, weights = _prepare(requests, tokenizer, n_edits, **model.pair_format,
-                                max_length=max_length, max_target_length=max_target_length)
-    check_edit_batch(model, batches)
     groups = [jax.tree.map(lambda x, g=g: x[g], batches) for g in range(n_groups)]
 
     run = _group_fn(model, editor, batch_size)
