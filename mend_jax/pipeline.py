@@ -55,7 +55,8 @@ class Prepared:
     splits: dict[str, list[EditRequest]]
     info: dict
     # answer-key second moments of preserved facts measured on this base model, by (facts,
-    # sequence length, edited weights): training and evaluation in one process measure them once
+    # sequence length, edited weights), on the host: training and evaluation in one process
+    # measure them once
     preserved: dict = field(default_factory=dict, repr=False, compare=False)
 
 
@@ -221,8 +222,7 @@ def training_mesh(cfg: RunConfig) -> jax.sharding.Mesh:
 # facts' weight in the key projection, and whether sequential edits keep earlier edits' keys
 # (lifelong). eval.py --set may change them; results record them.
 EDITOR_EVAL_OPTIONS = ("capture_loss", "chunk_tokens", "aggregate", "request_lambda",
-                       "request_eps", "request_preserve", "preserve_weight", "lifelong",
-                       "request_single")
+                       "request_eps", "request_preserve", "preserve_weight", "lifelong")
 
 
 def evaluation_state(cfg: RunConfig, prep: Prepared, editor, state: dict) -> dict:
@@ -244,8 +244,9 @@ def evaluation_state(cfg: RunConfig, prep: Prepared, editor, state: dict) -> dic
         return state
     key = (ecfg.request_preserve, cfg.model.max_length, tuple(editor.layout.inner_params),
            id(prep.model.params))
-    if key in prep.preserved:
-        return {**state, "stats": {**state["stats"], "preserved_keys": prep.preserved[key]}}
+    if key in prep.preserved:   # fresh device arrays: a training step may donate the state's
+        kept = jax.tree.map(jnp.asarray, prep.preserved[key])
+        return {**state, "stats": {**state["stats"], "preserved_keys": kept}}
     train = prep.splits["train"]
     facts = ([(r.loc_prompt, r.loc_target) for r in train]
              + [(r.prompt, r.target_true) for r in train if r.target_true])
@@ -260,7 +261,7 @@ def evaluation_state(cfg: RunConfig, prep: Prepared, editor, state: dict) -> dic
                            max_length=cfg.model.max_length, **prep.model.pair_format)
         batches.append({k: jnp.asarray(v) for k, v in b.items() if k in MODEL_KEYS})
     state = editor.preserve_keys(state, prep.model.params, batches)
-    prep.preserved[key] = state["stats"]["preserved_keys"]
+    prep.preserved[key] = jax.device_get(state["stats"]["preserved_keys"])   # host copies
     return state
 
 

@@ -492,15 +492,6 @@ def test_request_lstsq_asks_each_requests_own_update_of_its_answer_keys(model, p
     # a request alone has nothing to reconcile: its own update, exactly
     one = w - np.asarray(get_path(solved.edit(state, model.params, rows[1]), path))
     np.testing.assert_allclose(one, alone[1], rtol=1e-5, atol=1e-6 * np.abs(alone[1]).max())
-    # ... unless `request_single: solve`: then its own update is asked of its answer keys alone
-    single = MEND(model, [name], MENDConfig(**opts, aggregate="request_lstsq",
-                                            request_lambda=0.3, request_single="solve"))
-    want1 = np.linalg.solve(keys[1].T @ keys[1] + 0.3 * reg, keys[1].T @ values[1])
-    got1 = w - np.asarray(get_path(single.edit(state, model.params, rows[1]), path))
-    np.testing.assert_allclose(got1, want1, rtol=2e-3, atol=2e-3 * np.abs(want1).max())
-    assert not np.allclose(got1, alone[1], rtol=0.05, atol=0.05 * np.abs(want1).max())
-    with pytest.raises(ValueError, match="request_single"):
-        MENDConfig(request_single="solve")
     with pytest.raises(ValueError, match="chunk_tokens"):
         MENDConfig(aggregate="request_lstsq", chunk_tokens=8)
     with pytest.raises(ValueError, match="request_preserve"):

@@ -98,6 +98,7 @@ def test_non_finite_step_is_skipped_and_counted():
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # about 30 s: run by .ci/run's slow pass
 def test_bfloat16_base_model_and_remat_blocks():
     """Memory levers: bf16 base weights with an f32 editor; rematerialised blocks give the same
     step as plain ones."""
@@ -378,6 +379,7 @@ def test_the_loop_validates_and_saves_the_averaged_editor(tmp_path):
         jax.tree.leaves(state["ema"]), jax.tree.leaves(state["editor"]["params"])))
 
 
+@pytest.mark.slow  # about 30 s: run by .ci/run's slow pass
 def test_the_loop_trains_with_the_preserved_keys_it_was_given_and_resumes_with_them(tmp_path):
     """`train_editor(prepare_editor=...)` maps the fresh editor state before step 0 (the
     pipeline fills the preserved keys with it): the preserved keys reach the checkpoints

@@ -75,12 +75,6 @@ class MENDConfig:
     # stateful (`edit_and_update`), and a single request is solved too (its answer keys asked
     # of its own update, with the rest). Training is unaffected (E stays empty there).
     lifelong: bool = False
-    # request_lstsq with a single request: "own" keeps its own update (the sum's, so training
-    # at n_edits = 1 is as with `sum`); "solve" asks it of the request's answer keys by the same
-    # ridge solve as k requests, in training too, so the editor learns its values for the solve
-    # (ROME's rank-one form (C⁻¹x)vᵀ/(xᵀC⁻¹x + λ): the update is the least disturbance of the
-    # keys in C that meets the request's answer keys).
-    request_single: str = "own"
     # Which tokens the editor sees: "all" real tokens (MEND) or "answer" tokens only, the
     # positions whose output predicts a target token (MALMEN's `token: ans`).
     tokens: str = "all"
@@ -124,11 +118,6 @@ class MENDConfig:
                 or self.request_preserve < 0):
             raise ValueError(f"request_preserve must be an integer >= 0, got "
                              f"{self.request_preserve!r}")
-        if self.request_single not in ("own", "solve"):
-            raise ValueError(f"request_single must be 'own' or 'solve', got "
-                             f"{self.request_single!r}")
-        if self.request_single == "solve" and self.aggregate != "request_lstsq":
-            raise ValueError("request_single: solve needs aggregate: request_lstsq")
         if self.lifelong and self.aggregate != "request_lstsq":
             raise ValueError("lifelong needs aggregate: request_lstsq")
         if not self.preserve_weight >= 0:
@@ -649,11 +638,9 @@ class MEND:
                 out = self._transform_group(params, [(n, standardised[n]) for n in names])
                 transformed.update(zip(names, out))
         # request_lstsq: one request has nothing to reconcile and keeps its own update (the
-        # solve would give the minimum-norm update meeting it on its answer keys only), unless
-        # `request_single: solve` or lifelong earlier keys are held
+        # solve would give the minimum-norm update meeting it on its answer keys only)
         solve_requests = cfg.aggregate == "request_lstsq" and (
-            n_requests != 1 or cfg.request_single == "solve"
-            or ("edited_keys" in stats and not train))
+            n_requests != 1 or ("edited_keys" in stats and not train))
         updates = {}
         for name in lay.inner_params:
             keys = reg = None
