@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from mend_jax.metrics import IGNORE, logit_view, masked_nll, shift_labels
+from mend_jax.metrics import IGNORE, POSITIONS, logit_view, masked_nll, shift_labels
 from mend_jax.models.common import Linear, head_at
 from mend_jax.models.model import model_inputs
 from mend_jax.models.names import EditedWeight, ParamName
@@ -146,14 +146,32 @@ def capture(
         u = _get(intermediates, path)[INPUTS][0]
         d = _get(grads, path)[OUTPUT_GRADS]
         mask = token_mask_for(weight, batch)
+        answer = answer_mask_for(model, weight, batch) if "labels" in batch else None
+        if view is not None and weight.local and weight.tokens == "input":
+            # δ is zero off the positions whose logits the loss reads: keep those rows alone
+            u, d, mask, answer = _at_positions(batch[POSITIONS], u, d, mask, answer)
         captured[name] = Captured(
-            layer_inputs=u.reshape(-1, u.shape[-1]),       # B*T d_in
+            layer_inputs=u.reshape(-1, u.shape[-1]),       # B*T d_in (B*P: at the positions)
             output_grads=d.reshape(-1, d.shape[-1]),       # B*T d_out
             token_mask=mask.reshape(-1).astype(jnp.float32),
-            answer_mask=(answer_mask_for(model, weight, batch).reshape(-1).astype(jnp.float32)
-                         if "labels" in batch else None),
+            answer_mask=None if answer is None else answer.reshape(-1).astype(jnp.float32),
         )
     return loss, captured, logits
+
+
+def _at_positions(positions: jax.Array, *arrays):
+    """Each [B, T, ...] array (or None) gathered at `positions` [B, P] (padded with -1: those
+    entries are zeroed), [B, P, ...]."""
+    at, valid = jnp.maximum(positions, 0), positions >= 0
+    out = []
+    for a in arrays:
+        if a is None:
+            out.append(None)
+            continue
+        extra = (1,) * (a.ndim - 2)
+        g = jnp.take_along_axis(a, at.reshape(at.shape + extra), axis=1)
+        out.append(g * valid.reshape(valid.shape + extra).astype(g.dtype))
+    return out
 
 
 def _get(tree, path):

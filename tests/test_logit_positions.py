@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import transformers
 
-from mend_jax.capture import capture, labelled_logits
+from mend_jax.capture import capture, labelled_logits, pseudo_gradient
 from mend_jax.editors import MEND, MENDConfig
 from mend_jax.metrics import (
     IGNORE,
@@ -92,14 +92,41 @@ def test_labelled_positions_give_the_full_logits_metrics_and_capture(arch):
     # a view no narrower than the sequence is not taken: the full logits
     wide = {**gathered, POSITIONS: jnp.asarray(logit_positions(_batch(model)["labels"], T - 1))}
     assert labelled_logits(model, model.params, wide)[0].shape == (3, T, V)
-    names = model.default_inner_params()
+    # every dense weight of the (only, hence last) block: the position-local ones (MLP, the
+    # attention's output projection) are captured at the positions alone, the rest at every token
+    names = [n.hf for n in model.names.names if n.layout in ("linear", "conv1d")
+             and n.tied_to is None and not n.hf.startswith("lm_head")]
+    local = {n for n in names if model.names.lookup(n).local}
+    assert local and local != set(names), (local, names)
     loss, cap, _ = capture(model, model.params, full, names)
     loss_p, cap_p, _ = capture(model, model.params, gathered, names)
     np.testing.assert_allclose(loss_p, loss, rtol=1e-6)
+    rows = (pos + np.arange(3)[:, None] * T)[pos >= 0]    # the positions' rows of the B*T
+    off = np.setdiff1d(np.arange(3 * T), rows)
     for n in names:
-        np.testing.assert_allclose(cap_p[n].output_grads, cap[n].output_grads, rtol=1e-5,
-                                   atol=1e-9)
-        np.testing.assert_array_equal(cap_p[n].layer_inputs, cap[n].layer_inputs)
+        if n not in local:
+            np.testing.assert_allclose(cap_p[n].output_grads, cap[n].output_grads, rtol=1e-5,
+                                       atol=1e-9)
+            np.testing.assert_array_equal(cap_p[n].layer_inputs, cap[n].layer_inputs)
+            # δ reaches the other tokens through the attention: they must be kept
+            assert float(jnp.abs(cap[n].output_grads[off]).max()) > 0, n
+            continue
+        # position-local: δ is exactly zero off the positions, which the gathered capture drops
+        assert float(jnp.abs(cap[n].output_grads[off]).max()) == 0.0, n
+        valid = (pos >= 0).reshape(-1)
+        assert cap_p[n].output_grads.shape[0] == pos.size < 3 * T
+        np.testing.assert_allclose(cap_p[n].output_grads[valid], cap[n].output_grads[rows],
+                                   rtol=1e-5, atol=1e-9)
+        np.testing.assert_array_equal(cap_p[n].layer_inputs[valid], cap[n].layer_inputs[rows])
+        assert float(jnp.abs(cap_p[n].layer_inputs[~valid]).max()) == 0.0
+        for mask in ("token_mask", "answer_mask"):
+            np.testing.assert_array_equal(getattr(cap_p[n], mask)[valid],
+                                          getattr(cap[n], mask)[rows], err_msg=mask)
+            assert float(getattr(cap_p[n], mask)[~valid].max()) == 0.0
+        np.testing.assert_allclose(
+            pseudo_gradient(cap_p[n].layer_inputs, cap_p[n].output_grads, cap_p[n].token_mask),
+            pseudo_gradient(cap[n].layer_inputs, cap[n].output_grads, cap[n].token_mask),
+            rtol=1e-5, atol=1e-8)
 
 
 @pytest.mark.parametrize("edit_on", ["outer", "both"])
@@ -125,7 +152,7 @@ def test_meta_loss_and_editor_gradient_are_unchanged_by_labelled_positions(edit_
     (loss_p, (m_p, _)), g_p = results[1]
     assert float(m["edit_loss"]) > 0 and float(m["locality_kl"]) > 0
     for key in ("loss", "edit_loss", "edit_acc", "locality_kl", "pre_edit_loss", "n_edits"):
-        np.testing.assert_allclose(m_p[key], m[key], rtol=2e-5, err_msg=key)
+        np.testing.assert_allclose(m_p[key], m[key], rtol=2e-5, atol=1e-8, err_msg=key)
     leaves, leaves_p = jax.tree.leaves(g), jax.tree.leaves(g_p)
     assert any(float(jnp.abs(x).max()) > 0 for x in leaves)
     for a, b in zip(leaves, leaves_p, strict=True):

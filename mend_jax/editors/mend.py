@@ -364,7 +364,7 @@ def make_layout(model, inner_params: Sequence[str], shared: bool) -> EditorLayou
         d_in, d_out = kernel.shape
         group = f"{d_in}x{d_out}" if shared else name.replace(".", "_")
         weights.append(EditedWeight(name, param.path, (d_in, d_out), group,
-                                    counts.get(group, 0), param.tokens))
+                                    counts.get(group, 0), param.tokens, param.local))
         counts[group] = counts.get(group, 0) + 1
     return EditorLayout(tuple(weights))
 

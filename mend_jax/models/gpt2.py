@@ -146,7 +146,9 @@ def param_names(c: GPT2Config) -> list[ParamName]:
             names.append(ParamName(f"{hf}.{ln}.bias", p + (ln, "bias")))
         for sub, lin in (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"),
                          ("mlp", "c_proj")):
-            names.append(ParamName(f"{hf}.{sub}.{lin}.weight", p + (sub, lin, "kernel"), "conv1d"))
+            local = i == c.n_layer - 1 and (sub, lin) != ("attn", "c_attn")
+            names.append(ParamName(f"{hf}.{sub}.{lin}.weight", p + (sub, lin, "kernel"), "conv1d",
+                                   local=local))
             names.append(ParamName(f"{hf}.{sub}.{lin}.bias", p + (sub, lin, "bias")))
     return names
 

@@ -190,11 +190,14 @@ def param_names(c: GPTNeoConfig) -> list[ParamName]:
             names.append(ParamName(f"{hf}.{ln}.weight", p + (ln, "scale")))
             names.append(ParamName(f"{hf}.{ln}.bias", p + (ln, "bias")))
         att, ap = f"{hf}.attn.attention", p + ("attn", "attention")
+        last = i == c.num_layers - 1   # position-local weights: `ParamName.local`
         for lin in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            names.append(ParamName(f"{att}.{lin}.weight", ap + (lin, "kernel"), "linear"))
+            names.append(ParamName(f"{att}.{lin}.weight", ap + (lin, "kernel"), "linear",
+                                   local=last and lin in ("q_proj", "out_proj")))
         names.append(ParamName(f"{att}.out_proj.bias", ap + ("out_proj", "bias")))
         for lin in ("c_fc", "c_proj"):
-            names.append(ParamName(f"{hf}.mlp.{lin}.weight", p + ("mlp", lin, "kernel"), "linear"))
+            names.append(ParamName(f"{hf}.mlp.{lin}.weight", p + ("mlp", lin, "kernel"), "linear",
+                                   local=last))
             names.append(ParamName(f"{hf}.mlp.{lin}.bias", p + ("mlp", lin, "bias")))
     return names
 

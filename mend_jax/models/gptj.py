@@ -160,12 +160,15 @@ def param_names(c: GPTJConfig) -> list[ParamName]:
         hf, p = f"transformer.h.{i}", ("transformer", f"h_{i}")
         names.append(ParamName(f"{hf}.ln_1.weight", p + ("ln_1", "scale")))
         names.append(ParamName(f"{hf}.ln_1.bias", p + ("ln_1", "bias")))
+        last = i == c.n_layer - 1   # position-local weights: `ParamName.local`
         for lin in ("q_proj", "k_proj", "v_proj", "out_proj"):
             names.append(
-                ParamName(f"{hf}.attn.{lin}.weight", p + ("attn", lin, "kernel"), "linear")
+                ParamName(f"{hf}.attn.{lin}.weight", p + ("attn", lin, "kernel"), "linear",
+                          local=last and lin in ("q_proj", "out_proj"))
             )
         for lin in ("fc_in", "fc_out"):
-            names.append(ParamName(f"{hf}.mlp.{lin}.weight", p + ("mlp", lin, "kernel"), "linear"))
+            names.append(ParamName(f"{hf}.mlp.{lin}.weight", p + ("mlp", lin, "kernel"), "linear",
+                                   local=last))
             names.append(ParamName(f"{hf}.mlp.{lin}.bias", p + ("mlp", lin, "bias")))
     return names
 

@@ -251,7 +251,9 @@ def param_names(c: LlamaConfig) -> list[ParamName]:
         for norm in ("input_layernorm", "post_attention_layernorm"):
             names.append(ParamName(f"{hf}.{norm}.weight", p + (norm, "scale")))
         for sub, lin, has_bias in linears:
-            names.append(ParamName(f"{hf}.{sub}.{lin}.weight", p + (sub, lin, "kernel"), "linear"))
+            local = i == c.num_hidden_layers - 1 and (sub == "mlp" or lin in ("q_proj", "o_proj"))
+            names.append(ParamName(f"{hf}.{sub}.{lin}.weight", p + (sub, lin, "kernel"), "linear",
+                                   local=local))
             if has_bias:
                 names.append(ParamName(f"{hf}.{sub}.{lin}.bias", p + (sub, lin, "bias")))
     return names

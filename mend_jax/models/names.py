@@ -39,6 +39,11 @@ class ParamName:
     tied_to: str | None = None   # HF name whose value this one repeats when exported
     fallback: str | None = None  # HF name read instead when this one is absent (tied on save)
     tokens: str = "input"        # the token stream it acts on, a key of TOKEN_MASKS
+    # Position-local: the weight's output at a token reaches the logits at that token alone (the
+    # last block's MLP, its attention's query and output projections), so when logits are
+    # computed at some positions only its δ is exactly zero at every other position (`capture`
+    # gathers its rows there; the editor then skips rows it would only mask out).
+    local: bool = False
 
     def __post_init__(self):
         if self.tokens not in TOKEN_MASKS:
@@ -68,6 +73,7 @@ class EditedWeight:
     group: str                   # key of the editor network that serves it
     mode: int                    # its mode index inside that network (0 when not shared)
     tokens: str = "input"        # the token stream it acts on, a key of TOKEN_MASKS
+    local: bool = False          # position-local (`ParamName.local`)
 
     @property
     def mask_key(self) -> str:
