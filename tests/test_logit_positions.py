@@ -93,7 +93,8 @@ def test_labelled_positions_give_the_full_logits_metrics_and_capture(arch):
     wide = {**gathered, POSITIONS: jnp.asarray(logit_positions(_batch(model)["labels"], T - 1))}
     assert labelled_logits(model, model.params, wide)[0].shape == (3, T, V)
     # every dense weight of the (only, hence last) block: the position-local ones (MLP, the
-    # attention's output projection) are captured at the positions alone, the rest at every token
+    # attention's query and output projections) are captured at the positions alone, the rest
+    # (GPT-2's fused c_attn, the separate k and v) at every token
     names = [n.hf for n in model.names.names if n.layout in ("linear", "conv1d")
              and n.tied_to is None and not n.hf.startswith("lm_head")]
     local = {n for n in names if model.names.lookup(n).local}
