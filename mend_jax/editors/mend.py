@@ -7,6 +7,7 @@ are the running normalisation statistics (updated while training, frozen at eval
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -688,8 +689,13 @@ class MEND:
         loss_fn = None
         if self.config.capture_loss == "per_request" or self.config.aggregate == "request_lstsq":
             loss_fn = lambda logits, b: sequence_nll(logits, b["labels"], shift).sum()  # noqa: E731
+        weights = self.layout.weights
+        if train and self._second_moments:
+            # the keys' running second moment counts every real token, δ = 0 or not: keep the
+            # rows that the position-local capture would drop (`ParamName.local`)
+            weights = tuple(dataclasses.replace(w, local=False) for w in weights)
         loss, captured, _ = capture(self.model, jax.lax.stop_gradient(model_params), edit_batch,
-                                    self.layout.weights, loss_fn=loss_fn)
+                                    weights, loss_fn=loss_fn)
         captured = jax.lax.stop_gradient(captured)
         updates, stats = self.pseudo_gradients(editor_state["params"], editor_state["stats"],
                                                captured, train=train,
