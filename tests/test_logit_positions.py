@@ -216,3 +216,21 @@ def test_a_run_uses_one_positions_width_that_fits_every_target():
                 np.testing.assert_array_equal(pos[i][pos[i] >= 0],
                                               np.flatnonzero(lab[i, 1:] != IGNORE))
     assert shapes == {(1, width)}
+
+
+def test_training_with_the_keys_second_moment_counts_every_real_token():
+    """`project_keys` keeps E[u uᵀ] over every real token, δ = 0 or not: a training edit keeps
+    the rows the position-local capture drops, so positions change nothing there."""
+    model = from_config(CONFIGS["gpt2"], seed=0)
+    name = model.default_inner_params()[-1]            # the last block's MLP: position-local
+    assert model.names.lookup(name).local
+    batch = _dev(_batch(model))
+    gathered = _dev(_with_positions(_batch(model)))
+    editor = MEND(model, [name], MENDConfig(rank=8, project_keys=True))
+    state = editor.init(jax.random.key(0))
+    key = name.replace(".", "_")
+    counts = []
+    for b in (batch, gathered):
+        _, stats, _ = editor.edit_with_stats(state, model.params, b, train=True)
+        counts.append(float(stats["second_moments"][key]["count"]))
+    assert counts == [float(batch["attention_mask"].sum())] * 2

@@ -7,9 +7,8 @@ are the running normalisation statistics (updated while training, frozen at eval
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import jax
 import jax.numpy as jnp
@@ -693,7 +692,7 @@ class MEND:
         if train and self._second_moments:
             # the keys' running second moment counts every real token, δ = 0 or not: keep the
             # rows that the position-local capture would drop (`ParamName.local`)
-            weights = tuple(dataclasses.replace(w, local=False) for w in weights)
+            weights = tuple(replace(w, local=False) for w in weights)
         loss, captured, _ = capture(self.model, jax.lax.stop_gradient(model_params), edit_batch,
                                     weights, loss_fn=loss_fn)
         captured = jax.lax.stop_gradient(captured)
