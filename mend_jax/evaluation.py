@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -293,6 +293,60 @@ def _summary(cat: dict, weights: dict, kl: float, **extra) -> dict[str, Any]:
     }
 
 
+def _subset_summary(cat: dict, weights: dict, mask: np.ndarray) -> dict[str, Any]:
+    """ES, generality (and per surface form), drawdown, locality KL and neighbourhood accuracy
+    over the requests where `mask` ([groups, k]) is set, each edited within its group."""
+    m = mask.astype(np.float64)
+    inner, loc = cat["edit_inner"], cat["loc"]
+
+    def mean(x):
+        return float((np.asarray(x, np.float64).reshape(m.shape) * m).sum() / m.sum())
+
+    def probe(kind, key="correct_post", weights_key=None):
+        weights_key = weights_key or kind
+        if kind not in cat or weights_key not in weights:
+            return None
+        w = weights[weights_key] * m[..., None]
+        if not (w.sum(-1) > 0).any():
+            return None
+        return _probe_accuracy(np.asarray(cat[kind][key]), w)
+
+    # as the whole result's: each group's token mean (over its rows in the subset), then groups
+    kl_sum = (np.asarray(loc["kl_sum"], np.float64).reshape(m.shape) * m).sum(-1)
+    kl_count = (np.asarray(loc["kl_count"], np.float64).reshape(m.shape) * m).sum(-1)
+    in_group = m.sum(-1) > 0
+    return {
+        "edit_success": mean(inner["correct_post"]),
+        "generality": probe("edit_outer"),
+        **{f"generality_{kind.split('/', 1)[1]}": probe("edit_outer", weights_key=kind)
+           for kind in weights if kind.startswith("edit_outer/")},
+        "drawdown": mean(loc["correct_pre"]) - mean(loc["correct_post"]),
+        "locality_kl": float(np.mean(kl_sum[in_group] / np.maximum(kl_count[in_group], 1.0))),
+        "neighborhood_acc": probe("neighborhood"),
+        "neighborhood_acc_pre": probe("neighborhood", "correct_pre"),
+        "n_examples": int(mask.sum()),
+    }
+
+
+def _by_relation(requests: Sequence[EditRequest], cat: dict, weights: dict, n_edits: int,
+                 held_out: Collection[str] | None) -> dict[str, Any]:
+    """`by_relation` (and, with `held_out`, `seen_relations` / `held_out_relations`) when the
+    requests name their relations; {} otherwise."""
+    relations = np.array([r.relation or "" for r in requests]).reshape(-1, n_edits)
+    if not (relations != "").any():
+        return {}
+    out: dict[str, Any] = {"by_relation": {
+        str(rel): _subset_summary(cat, weights, relations == rel)
+        for rel in sorted(set(relations.ravel()) - {""})}}
+    if held_out is not None:
+        held = np.isin(relations, sorted(held_out))
+        for key, mask in (("seen_relations", (relations != "") & ~held),
+                          ("held_out_relations", held)):
+            if mask.any():
+                out[key] = _subset_summary(cat, weights, mask)
+    return out
+
+
 def _shuffled(requests: Sequence[EditRequest], seed: int | None) -> list[EditRequest]:
     requests = list(requests)
     if seed is None:
@@ -336,6 +390,7 @@ def evaluate_editor(
     perplexity: bool = False,
     max_target_length: int | None = None,
     timed_edits: int = 3,
+    held_out_relations: Collection[str] | None = None,
 ) -> dict[str, Any]:
     """Edit `requests` k = `n_edits` at a time and measure every group; returns flat metrics.
 
@@ -352,10 +407,14 @@ def evaluate_editor(
         (Wikitext-style generation edits).
       timed_edits: how many groups' edits are timed (separately jitted, compile excluded) for
         `edit_time_s`; 0 skips timing (`edit_time_s` is None).
+      held_out_relations: relations the editor never trained on (`data.train_relations`'s
+        complement): the metrics are also reported over them and over the rest.
     Returns:
       The keys of `METRIC_KEYS` (+ `ppl_drawdown`); `neighborhood_acc` (after the edit),
       `neighborhood_acc_pre` (the base model) and `portability` are
-      None when no request has such probes.
+      None when no request has such probes. When the requests name their relations,
+      `by_relation` ({relation: ES, generality, drawdown, KL, neighbourhood, n_examples}), and
+      with `held_out_relations` the same over `seen_relations` and `held_out_relations`.
     """
     requests, batches, weights = edit_groups(model, requests, tokenizer, n_edits, seed=seed,
                                              max_length=max_length,
@@ -381,6 +440,7 @@ def evaluate_editor(
         ppl_pre = math.exp(float(loc["nll_pre"].sum()) / tokens)
         ppl_post = math.exp(float(loc["nll_post"].sum()) / tokens)
         result["ppl_drawdown"] = ppl_post / ppl_pre - 1.0
+    result.update(_by_relation(requests, cat, weights, n_edits, held_out_relations))
     return result
 
 
@@ -493,6 +553,22 @@ def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
             cells.append("-" if v is None else f"{v:d}" if isinstance(v, int) else f"{v:.4f}")
         lines.append(f"{name:<{width}}" + "".join(f" {c:>10}" for c in cells))
     return "\n".join(lines)
+
+
+def format_by_relation(results: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """The per-relation rows of every method that has them (`by_relation`, and the seen /
+    held-out relations of `data.train_relations`); None when no method has any."""
+    rows = {}
+    for method, metrics in results.items():
+        if not isinstance(metrics, Mapping):
+            continue
+        for rel, m in (metrics.get("by_relation") or {}).items():
+            rows[f"{method} {rel}"] = m
+        for key, label in (("seen_relations", "[seen relations]"),
+                           ("held_out_relations", "[held-out relations]")):
+            if metrics.get(key):
+                rows[f"{method} {label}"] = metrics[key]
+    return format_table(rows) if rows else None
 
 
 def format_by_n_edits(results_by_n: Mapping[int, Mapping[str, Mapping[str, Any]]]) -> str:

@@ -26,7 +26,13 @@ from mend_jax.data import EditRequest, load_requests
 from mend_jax.data.batching import tokenize_pairs
 from mend_jax.editors import make_editor
 from mend_jax.errors import ConfigError
-from mend_jax.evaluation import MODEL_KEYS, evaluate_editor, evaluate_sequential, format_table
+from mend_jax.evaluation import (
+    MODEL_KEYS,
+    evaluate_editor,
+    evaluate_sequential,
+    format_by_relation,
+    format_table,
+)
 from mend_jax.loop import train_editor
 from mend_jax.models import Model, load_pretrained, save_pretrained
 from mend_jax.offline import (
@@ -122,6 +128,18 @@ def prepare(cfg: RunConfig | dict, progress: bool | None = None) -> Prepared:
             tokenizer.pad_token = tokenizer.eos_token
     if splits is None:
         splits = _wikitext_splits(cfg, model, tokenizer)
+    if dcfg.train_relations is not None:
+        # After the tokenizer and the base model: they are built from the whole benchmark, so
+        # they (and the cache) are the same with or without held-out relations.
+        keep = set(dcfg.train_relations)
+        for s in ("train", "val"):
+            named = sorted({r.relation for r in splits[s] if r.relation})
+            splits[s] = [r for r in splits[s] if r.relation in keep]
+            if not splits[s]:
+                raise ValueError(f"data.train_relations={list(dcfg.train_relations)} leaves no "
+                                 f"{s} requests (their relations: {named or 'none named'})")
+        info["held_out_relations"] = sorted({r.relation for r in splits["test"]
+                                             if r.relation} - keep)
     if cfg.remat:
         model = model.with_remat(True)
     info.update({k: len(v) for k, v in splits.items()})
@@ -320,7 +338,8 @@ def evaluate_all(cfg: RunConfig | dict, prep: Prepared, mend, editor_state: dict
             results[method] = evaluate_editor(
                 model, editor, state, model.params, requests, prep.tokenizer, n_edits=n_edits,
                 max_length=cfg.model.max_length, seed=cfg.seed, progress=progress,
-                perplexity=cfg.data.format == "wikitext")
+                perplexity=cfg.data.format == "wikitext",
+                held_out_relations=prep.info.get("held_out_relations"))
         if method not in TRAINED and method != "untrained" and is_dataclass(editor.config):
             # the baseline's options, so that a result says which step size etc. it measured
             results[method]["options"] = asdict(editor.config)
@@ -443,6 +462,10 @@ def load_run(run_dir: str | Path, overrides: dict | None = None) -> tuple[RunCon
 
 
 def print_table(results: dict) -> str:
-    table = format_table({k: v for k, v in results.items() if not k.startswith("_")})
+    methods = {k: v for k, v in results.items() if not k.startswith("_")}
+    table = format_table(methods)
+    by_relation = format_by_relation(methods)
+    if by_relation:
+        table += "\n\nby relation:\n" + by_relation
     print(table)
     return table

@@ -106,16 +106,27 @@ class DataSection:
     edit_forms: tuple[str, ...] = ("statement",)   # geonames: the surface forms edited
     n_cities: int = 400                   # geonames: city -> country facts (most populous first)
     max_cities_per_country: int = 10      # geonames: at most this many cities of one country
+    # the relations (as the requests name them: geonames', or a file's relation field) whose
+    # edits the editor trains and validates on (null: all); the test split keeps every
+    # relation, reported as seen / held-out relations
+    train_relations: tuple[str, ...] | None = None
     prefix_tokens: int = 48               # wikitext: prompt length
     target_tokens: int = 10               # wikitext: greedy target length
     preset: str | None = None
 
     def __post_init__(self):
-        from mend_jax.offline.geonames import FORMS
+        from mend_jax.offline.geonames import FORMS, RELATIONS
 
         if not self.edit_forms or any(f not in FORMS for f in self.edit_forms):
             raise ValueError(f"edit_forms must be a non-empty list of {list(FORMS)}, got "
                              f"{list(self.edit_forms)}")
+        if self.train_relations is not None:
+            known = RELATIONS if self.format == "geonames" else None
+            if not self.train_relations or (known and any(r not in known
+                                                          for r in self.train_relations)):
+                raise ValueError(f"data.train_relations must be a non-empty list of "
+                                 f"{list(known or ['relation names'])} (or null: all), got "
+                                 f"{list(self.train_relations)}")
         for name in ("n_cities", "max_cities_per_country"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be a positive integer, got "

@@ -463,7 +463,7 @@ def test_geonames_city_pool_is_configurable(bench, monkeypatch, tmp_path):
                                    n_test=1000, n_val=100)
     # 1,600 more city -> country facts (the names that are unambiguous among all the cities
     # searched), the country facts as before
-    from mend_jax.offline.geonames import FORMS, RELATIONS
+    from mend_jax.offline.geonames import FORMS
 
     per_fact = sum(len(RELATIONS["city_country"].templates(f)) for f in FORMS)
     assert len(big["facts"]) - len(bench["facts"]) == 1600 * per_fact
@@ -486,6 +486,32 @@ def test_geonames_city_pool_is_configurable(bench, monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="stop here"):
         pipeline.prepare(cfg, progress=False)
     assert (seen["n_cities"], seen["max_cities_per_country"]) == (1000, 20)
+
+
+def test_geonames_held_out_relations(bench, monkeypatch, tmp_path):
+    """Requests name their relation (kept through the written files); data.train_relations
+    keeps the train and val requests of those relations only, the test split whole, and the
+    held-out relations are recorded for evaluation; a relation that does not exist is refused."""
+    import mend_jax.pipeline as pipeline
+    from mend_jax.config import load_config
+
+    for split in ("train", "val", "test"):
+        assert [r.relation for r in bench[split]] == bench["relations"][split]
+    assert set(bench["relations"]["test"]) == set(RELATIONS)
+    # the tokenizer and base model are built from the whole benchmark (not needed here)
+    monkeypatch.setattr(pipeline, "_built_base_model", lambda *a, **k: (None, None))
+    full = pipeline.prepare(load_config([f"out_dir={tmp_path / 'a'}"]), progress=False)
+    kept = ["capital", "city_country"]
+    cfg = load_config([f"out_dir={tmp_path / 'b'}", f"data.train_relations=[{','.join(kept)}]"])
+    prep = pipeline.prepare(cfg, progress=False)
+    for split in ("train", "val"):
+        assert prep.splits[split] == [r for r in full.splits[split] if r.relation in kept]
+        assert 0 < len(prep.splits[split]) < len(full.splits[split])
+    assert prep.splits["test"] == full.splits["test"]
+    assert prep.info["held_out_relations"] == sorted(set(RELATIONS) - set(kept))
+    assert "held_out_relations" not in full.info
+    with pytest.raises(ValueError, match=r"data.train_relations must be .* got \['capitol'\]"):
+        load_config(["data.train_relations=[capitol]"])
 
 
 def test_geonames_splits_disjoint(bench):

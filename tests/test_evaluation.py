@@ -208,6 +208,45 @@ def test_counterfact_scores_and_generality_by_form(setup):
     assert 0 < m["paraphrase_score"] < 1  # a random model: a real mix, not a constant
 
 
+def test_metrics_by_relation_are_those_of_each_relation_alone(setup):
+    """by_relation: with one edit per call, a relation's row is what evaluating its requests
+    alone gives; with `held_out_relations` the seen / held-out rows are the same on their
+    requests; groups of k mix relations and the rows still count each request once."""
+    import dataclasses
+
+    model, tokenizer = setup
+    rels = ["capital", "seat", "capital", "border", "seat", "capital", "border"]
+    reqs = [dataclasses.replace(r, relation=rel) for r, rel in zip(REQUESTS, rels, strict=True)]
+    ft = FineTune(model, config=FTConfig(steps=1, lr=0.01))
+    kw = dict(max_length=MAX_LENGTH, seed=None, timed_edits=0)
+    m = evaluate_editor(model, ft, ft.init(), model.params, reqs, tokenizer,
+                        held_out_relations=["border", "seat"], **kw)
+    assert sorted(m["by_relation"]) == ["border", "capital", "seat"]
+    keys = ("edit_success", "generality", "drawdown", "locality_kl", "neighborhood_acc",
+            "neighborhood_acc_pre")
+    subsets = {rel: [r for r in reqs if r.relation == rel] for rel in set(rels)}
+    subsets["held_out_relations"] = [r for r in reqs if r.relation != "capital"]
+    subsets["seen_relations"] = subsets["capital"]
+    for name, subset in subsets.items():
+        alone = evaluate_editor(model, ft, ft.init(), model.params, subset, tokenizer, **kw)
+        got = m[name] if name.endswith("_relations") else m["by_relation"][name]
+        assert got["n_examples"] == len(subset)
+        for key in keys:
+            assert got[key] == pytest.approx(alone[key]), (name, key)
+    # a real mix: the relations' rows differ
+    assert len({v["generality"] for v in m["by_relation"].values()}) == 3
+    # k = 2: each request counted once; ES per relation weighs back to the whole
+    m2 = evaluate_editor(model, ft, ft.init(), model.params, reqs[:6], tokenizer, n_edits=2, **kw)
+    rows = m2["by_relation"]
+    assert sum(v["n_examples"] for v in rows.values()) == 6
+    assert sum(v["edit_success"] * v["n_examples"] for v in rows.values()) / 6 == pytest.approx(
+        m2["edit_success"])
+    assert "seen_relations" not in m2
+    # no relation named: no breakdown
+    assert "by_relation" not in evaluate_editor(model, ft, ft.init(), model.params, REQUESTS,
+                                                tokenizer, **kw)
+
+
 def test_progress_is_a_bar_over_the_groups_on_stderr(setup, capsys):
     model, tokenizer = setup
     ft = FineTune(model, config=FTConfig(steps=0))

@@ -26,6 +26,7 @@ from mend_jax.evaluation import (
     evaluate_editor,
     evaluate_sequential,
     format_by_n_edits,
+    format_by_relation,
     format_table,
     plot_sequential,
     plot_vs_n_edits,
@@ -171,6 +172,10 @@ def run(argv) -> int:
         else:
             print(f"\n{k} simultaneous edit(s), {where}:")
         print(format_table(by_n[k]))
+        by_relation = format_by_relation(by_n[k])
+        if by_relation and not args.sequential:
+            print(f"\n{k} simultaneous edit(s) by relation:")
+            print(by_relation)
         if args.sequential:
             for method, r in by_n[k].items():
                 print(f"  retained ES after each batch, {method}: "

@@ -162,6 +162,16 @@ def get_str(record: dict[str, Any], field: str, where: Where, *, empty_ok: bool 
     return value
 
 
+def get_optional_str(record: dict[str, Any], field: str, where: Where) -> str | None:
+    """`get_str` for an optional field: None when the (dotted) path is absent."""
+    value: Any = record
+    for part in field.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return get_str(record, field, where)
+
+
 def get_str_list(record: dict[str, Any], field: str, where: Where) -> list[str]:
     """A list of strings (a single string is accepted as a list of one), empties dropped."""
     value = get(record, field, where)

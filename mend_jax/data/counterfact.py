@@ -9,6 +9,7 @@ from mend_jax.data._io import (
     dedupe,
     get,
     get_forms,
+    get_optional_str,
     get_str,
     get_str_list,
     read_records,
@@ -64,6 +65,7 @@ def load_counterfact(path: str | Path) -> list[EditRequest]:
                 neighborhood=neighborhood,
                 portability=tuple(_portability(rec.get("portability"))),
                 subject=subject,
+                relation=get_optional_str(rec, f"{rw}.relation_id", where),
                 source=str(where),
             )
         )

@@ -24,6 +24,9 @@ class EditRequest:
     # The surface form of each rephrase (e.g. "statement", "question"), parallel to `rephrases`;
     # empty when unknown. Evaluation reports generality per form when it is given.
     rephrase_forms: tuple[str, ...] = ()
+    # The relation the fact belongs to (e.g. "capital"), when known: evaluation then reports
+    # the metrics per relation as well (`by_relation`).
+    relation: str | None = None
     # Where the request was read ("train.json: record 3 (0-based)"), for errors that name it;
     # None for a request built in memory. Not part of the request's value.
     source: str | None = field(default=None, compare=False, repr=False)

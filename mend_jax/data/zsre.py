@@ -11,6 +11,7 @@ from mend_jax.data._io import (
     dedupe,
     get,
     get_forms,
+    get_optional_str,
     get_str,
     get_str_list,
     read_records,
@@ -161,6 +162,7 @@ def load_zsre_easyedit(path: str | Path) -> list[EditRequest]:
                 neighborhood=neighborhood,
                 portability=tuple(_portability(rec.get("portability"))),
                 subject=subject.strip() if isinstance(subject, str) and subject.strip() else None,
+                relation=get_optional_str(rec, "relation", where),
                 source=str(where),
             )
         )

@@ -70,6 +70,11 @@ def _zsre_record(i: int, r: EditRequest) -> dict[str, Any]:
 
 
 def _extras(rec: dict[str, Any], r: EditRequest) -> dict[str, Any]:
+    if r.relation:
+        if "requested_rewrite" in rec:  # CounterFact's own field (a Wikidata id there)
+            rec["requested_rewrite"]["relation_id"] = r.relation
+        else:
+            rec["relation"] = r.relation
     if r.rephrase_forms:
         rec["rephrase_forms"] = dict(zip(r.rephrases, r.rephrase_forms, strict=True))
     if r.portability:

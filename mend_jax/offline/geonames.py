@@ -406,6 +406,7 @@ def build_geonames_benchmark(
             neighborhood=neighborhood,
             subject=s,
             rephrase_forms=tuple(f for f, _ in rephrases),
+            relation=r,
         )
 
     order = np.random.default_rng(seed).permutation(len(triples))
