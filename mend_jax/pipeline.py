@@ -242,7 +242,8 @@ def training_mesh(cfg: RunConfig) -> jax.sharding.Mesh:
 # facts' weight in the key projection, and whether sequential edits keep earlier edits' keys
 # (lifelong). eval.py --set may change them; results record them.
 EDITOR_EVAL_OPTIONS = ("capture_loss", "chunk_tokens", "aggregate", "request_lambda",
-                       "request_eps", "request_preserve", "preserve_weight", "lifelong")
+                       "request_eps", "request_preserve", "preserve_weight", "lifelong",
+                       "edit_scales")
 
 
 def evaluation_state(cfg: RunConfig, prep: Prepared, editor, state: dict) -> dict:

@@ -598,3 +598,85 @@ def test_lifelong_request_lstsq_leaves_the_keys_of_earlier_edits_alone(model):
         MENDConfig(lifelong=True)
     with pytest.raises(ValueError, match="request_eps"):
         MENDConfig(aggregate="request_lstsq", request_eps=0.0)
+
+
+def _greedy_batch(model, prompt, n_new):
+    """A one-request batch whose target is the model's own greedy continuation of `prompt`."""
+    ids = list(prompt)
+    for _ in range(n_new):
+        logits = model.logits(model.params, jnp.asarray([ids]), jnp.ones((1, len(ids)), jnp.int32))
+        ids.append(int(jnp.argmax(logits[0, -1])))
+    labels = [-100] * len(prompt) + ids[len(prompt):]
+    return {"input_ids": jnp.asarray([ids], jnp.int32),
+            "attention_mask": jnp.ones((1, len(ids)), jnp.int32),
+            "labels": jnp.asarray([labels], jnp.int32)}
+
+
+def _took(model, params, batch):
+    from mend_jax.capture import labelled_logits
+    from mend_jax.metrics import sequence_correct
+
+    logits, labels = labelled_logits(model, params, batch)
+    return np.asarray(sequence_correct(logits, labels, True))
+
+
+def test_edit_scales_strengthen_only_the_edits_that_did_not_take(model):
+    """edit_scales: one request is edited with its update times the first scale under which its
+    edit prompt gives the target (the oracle: plain edits with the step sizes times each
+    scale); of two requests, one that takes at the trained step keeps it while the other is
+    scaled; (1,) is the plain edit; the per-request scaling is linear in each request's share."""
+    scales = (1.0, 4.0, 16.0, 64.0)
+    plain = MEND(model, config=MENDConfig(norm=False, edit_lr=0.01))
+    state = plain.init(jax.random.key(0))
+    edit = jax.jit(plain.edit)
+
+    def times(s):  # the state with every step size α_ℓ times s
+        return {**state, "params": {**state["params"], "edit_lrs": jax.tree.map(
+            lambda a: a * s, state["params"]["edit_lrs"])}}
+
+    b = decoder_batch(61, [5])
+    took_at = [bool(_took(model, edit(times(s), model.params, b), b)[0]) for s in scales]
+    first = took_at.index(True)
+    assert first > 0  # a real search: the trained step alone does not make this edit
+    scaled = jax.jit(MEND(model, config=MENDConfig(norm=False, edit_lr=0.01,
+                                                   edit_scales=scales)).edit)
+    got, ref = scaled(state, model.params, b), edit(times(scales[first]), model.params, b)
+    one = jax.jit(MEND(model, config=MENDConfig(norm=False, edit_lr=0.01, edit_scales=(1.0,))
+                       ).edit)(state, model.params, b)
+    base = edit(state, model.params, b)
+    for n in plain.layout.inner_params:
+        path = model.names.path(n)
+        np.testing.assert_allclose(get_path(got, path), get_path(ref, path), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(get_path(one, path), get_path(base, path), rtol=1e-6)
+
+    # two requests: A already gives its target, B does not
+    a = _greedy_batch(model, [5, 9, 13], 2)
+    b2 = decoder_batch(61, [5], seed=2)
+    pair = {k: jnp.concatenate([a[k], b2[k]]) for k in a}
+    assert _took(model, model.params, pair).tolist() == [True, False]
+    got = scaled(state, model.params, pair)
+    assert _took(model, got, pair).tolist() == [True, True]
+    from mend_jax.capture import capture
+
+    _, captured, _ = capture(model, model.params, pair, plain.layout.weights)
+
+    def update(request_scales=None):
+        return plain.pseudo_gradients(
+            state["params"], state["stats"], captured, n_requests=2,
+            request_scales=None if request_scales is None else jnp.asarray(request_scales))[0]
+
+    n = plain.layout.inner_params[-1]
+    w0, w1 = (get_path(p, model.names.path(n)) for p in (model.params, got))
+    matches = [s for s in scales if np.allclose(w1, w0 - update([1.0, s])[n], rtol=1e-5,
+                                                atol=1e-7)]
+    assert len(matches) == 1 and matches[0] > 1
+    only_a, only_b = update([1.0, 0.0]), update([0.0, 1.0])
+    np.testing.assert_allclose(update([2.0, 3.0])[n], 2 * only_a[n] + 3 * only_b[n], atol=1e-7)
+    np.testing.assert_allclose(update([1.0, 1.0])[n], update()[n], atol=1e-7)
+
+
+@pytest.mark.parametrize("bad", [dict(edit_scales=()), dict(edit_scales=(1.0, -2.0)),
+                                 dict(edit_scales=(1.0, 2.0), chunk_tokens=8)])
+def test_edit_scales_refused_when_malformed(bad):
+    with pytest.raises(ValueError, match="edit_scales"):
+        MENDConfig(**bad)

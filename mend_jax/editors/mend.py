@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import jax.scipy.linalg  # noqa: F401  (cho_factor / cho_solve)
 import numpy as np
 
-from mend_jax.capture import Captured, capture, pseudo_gradient
+from mend_jax.capture import Captured, capture, labelled_logits, pseudo_gradient
 from mend_jax.editing import check_edit_batch
-from mend_jax.metrics import sequence_nll
+from mend_jax.metrics import sequence_correct, sequence_nll
 from mend_jax.models.names import EditedWeight, get_path, set_path
 
 
@@ -101,6 +101,14 @@ class MENDConfig:
     # pass), accumulating Σ ũδ̃ᵀ (or, lstsq, KᵀK and KᵀV) instead of holding every row's
     # activations at once. The same update up to float rounding; null: all rows in one pass.
     chunk_tokens: int | None = None
+    # Edit-time verification (a deviation; null: off, the reference). With scales (1, 1.5, 2,
+    # 3), an edit call is made in as many rounds: in each, every request whose edit prompt does
+    # not yet give its target under the greedy, teacher-forced check of edit success moves to
+    # the next scale, its share of the update (its tokens' δ̃ terms, or its values in a solve)
+    # multiplied by it; the update of the last round is applied, so a request that never takes
+    # keeps the last scale. Edits that take at the trained step are left as they are. Not used
+    # in meta-training (the editor learns the first scale's step).
+    edit_scales: tuple[float, ...] | None = None
 
     def __post_init__(self):
         if sum([self.combine, self.one_sided, self.x_only, self.delta_only]) > 1:
@@ -111,6 +119,13 @@ class MENDConfig:
             raise ValueError(f"act must be one of {sorted(_ACTS)}, got {self.act!r}")
         if self.aggregate not in AGGREGATES:
             raise ValueError(f"aggregate must be one of {AGGREGATES}, got {self.aggregate!r}")
+        if self.edit_scales is not None:
+            if not self.edit_scales or not all(s > 0 for s in self.edit_scales):
+                raise ValueError(f"edit_scales must be null or a non-empty list of scales > 0, "
+                                 f"got {self.edit_scales!r}")
+            if self.chunk_tokens is not None:
+                raise ValueError("edit_scales is not implemented with chunk_tokens (set one of "
+                                 "them to null)")
         if self.aggregate == "request_lstsq" and self.chunk_tokens is not None:
             raise ValueError("chunk_tokens is not implemented for aggregate: request_lstsq "
                              "(set it to null)")
@@ -608,8 +623,8 @@ class MEND:
         return {**editor_state, "stats": {**editor_state["stats"], "preserved_keys": acc}}
 
     def pseudo_gradients(self, params: dict, stats: dict, captured: Mapping[str, Captured],
-                         train: bool = False, n_requests: int | None = None
-                         ) -> tuple[dict, dict]:
+                         train: bool = False, n_requests: int | None = None,
+                         request_scales: jax.Array | None = None) -> tuple[dict, dict]:
         """({name: α_ℓ Σ_t ũ_t δ̃_tᵀ} or, lstsq, {name: α_ℓ (UᵀU + e^λ I)⁻¹ Uᵀ V}, stats).
 
         lstsq follows MALMEN: the keys U are the raw layer inputs of the selected tokens and
@@ -620,7 +635,8 @@ class MEND:
         (`_request_solve`); one request keeps its own update. With `train`, as the reference,
         each weight's tokens are merged into its group's statistics right before that weight is
         normalised, so in a shared group later weights see the statistics of earlier ones
-        too."""
+        too. `request_scales` ([n_requests]) multiplies each request's share of the update: its
+        tokens' transformed δ̃ (every aggregate is linear in them)."""
         lay = self.layout
         standardised = {}
         for name in lay.inner_params:
@@ -637,6 +653,12 @@ class MEND:
             if names:
                 out = self._transform_group(params, [(n, standardised[n]) for n in names])
                 transformed.update(zip(names, out))
+        if request_scales is not None:
+            if chunked:
+                raise ValueError("request_scales is not implemented with chunk_tokens")
+            for name, (u, d) in transformed.items():
+                rows = d.reshape(request_scales.shape[0], -1, d.shape[-1])
+                transformed[name] = (u, (rows * request_scales[:, None, None]).reshape(d.shape))
         # request_lstsq: one request has nothing to reconcile and keeps its own update (the
         # solve would give the minimum-norm update meeting it on its answer keys only)
         solve_requests = cfg.aggregate == "request_lstsq" and (
@@ -696,10 +718,24 @@ class MEND:
         loss, captured, _ = capture(self.model, jax.lax.stop_gradient(model_params), edit_batch,
                                     weights, loss_fn=loss_fn)
         captured = jax.lax.stop_gradient(captured)
-        updates, stats = self.pseudo_gradients(editor_state["params"], editor_state["stats"],
-                                               captured, train=train,
-                                               n_requests=edit_batch["input_ids"].shape[0])
-        return self.apply_updates(model_params, updates), stats, loss, captured
+        n_requests = edit_batch["input_ids"].shape[0]
+        scales = None if train else self.config.edit_scales
+        if not scales:
+            updates, stats = self.pseudo_gradients(editor_state["params"], editor_state["stats"],
+                                                   captured, train=train, n_requests=n_requests)
+            return self.apply_updates(model_params, updates), stats, loss, captured
+        table = jnp.asarray(scales, jnp.float32)
+        level = jnp.zeros((n_requests,), jnp.int32)
+        for r in range(len(scales)):
+            updates, stats = self.pseudo_gradients(editor_state["params"], editor_state["stats"],
+                                                   captured, n_requests=n_requests,
+                                                   request_scales=table[level])
+            new = self.apply_updates(model_params, updates)
+            if r + 1 < len(scales):
+                logits, labels = labelled_logits(self.model, new, edit_batch)
+                took = sequence_correct(logits, labels, shift)
+                level = jnp.where(took, level, level + 1)
+        return new, stats, loss, captured
 
     def edit(self, editor_state: dict, model_params: dict, edit_batch) -> dict:
         """Pure, jit-able edit: one request or k requests at once (their tokens are pooled)."""
