@@ -65,7 +65,8 @@ def _hand_batch(tok, rows):
 
 # ----------------------------------------------------------------------------- artifacts
 def test_saved_editor_loads_to_an_identical_state(tiny, tmp_path):
-    editor = mend_jax.MEND(tiny, INNER, mend_jax.MENDConfig(rank=8, edit_lr=0.5))
+    editor = mend_jax.MEND(tiny, INNER, mend_jax.MENDConfig(rank=8, edit_lr=0.5,
+                                                           edit_scales=(1.0, 2.0)))
     state = _trained_like_state(editor)
     out = mend_jax.save_editor(tmp_path / "editor", editor, state)
     assert sorted(p.name for p in out.iterdir()) == ["editor.json", "editor.safetensors"]
@@ -76,6 +77,7 @@ def test_saved_editor_loads_to_an_identical_state(tiny, tmp_path):
 
     loaded, loaded_state = mend_jax.load_editor(out, tiny)
     assert loaded.config == editor.config and loaded.layout == editor.layout
+    hash(loaded.config)  # a config is hashable (the json list came back as a tuple)
     assert jax.tree.structure(loaded_state) == jax.tree.structure(state)
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(loaded_state)):
         assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))

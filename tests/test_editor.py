@@ -644,10 +644,15 @@ def test_edit_scales_strengthen_only_the_edits_that_did_not_take(model):
     one = jax.jit(MEND(model, config=MENDConfig(norm=False, edit_lr=0.01, edit_scales=(1.0,))
                        ).edit)(state, model.params, b)
     base = edit(state, model.params, b)
+    # meta-training and its validation edit at the trained step alone
+    trained_step = MEND(model, config=MENDConfig(norm=False, edit_lr=0.01, edit_scales=scales)
+                        ).edit_with_stats(state, model.params, b, train=False)[0]
     for n in plain.layout.inner_params:
         path = model.names.path(n)
         np.testing.assert_allclose(get_path(got, path), get_path(ref, path), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(get_path(one, path), get_path(base, path), rtol=1e-6)
+        np.testing.assert_allclose(get_path(trained_step, path), get_path(base, path),
+                                   rtol=1e-5, atol=1e-6)
 
     # two requests: A already gives its target, B does not
     a = _greedy_batch(model, [5, 9, 13], 2)

@@ -106,8 +106,9 @@ class MENDConfig:
     # not yet give its target under the greedy, teacher-forced check of edit success moves to
     # the next scale, its share of the update (its tokens' δ̃ terms, or its values in a solve)
     # multiplied by it; the update of the last round is applied, so a request that never takes
-    # keeps the last scale. Edits that take at the trained step are left as they are. Not used
-    # in meta-training (the editor learns the first scale's step).
+    # keeps the last scale. Edits that take at the trained step are left as they are. Used by
+    # `edit` and `edit_and_update` (evaluation, the API, edit.py), not by meta-training or its
+    # validation (the editor learns, and checkpoints are chosen on, the trained step alone).
     edit_scales: tuple[float, ...] | None = None
 
     def __post_init__(self):
@@ -120,7 +121,13 @@ class MENDConfig:
         if self.aggregate not in AGGREGATES:
             raise ValueError(f"aggregate must be one of {AGGREGATES}, got {self.aggregate!r}")
         if self.edit_scales is not None:
-            if not self.edit_scales or not all(s > 0 for s in self.edit_scales):
+            if isinstance(self.edit_scales, (list, tuple)) and all(
+                    isinstance(s, (int, float)) and not isinstance(s, bool)
+                    for s in self.edit_scales):
+                # hashable, as a config must be (a json list comes back from editor.json)
+                object.__setattr__(self, "edit_scales", tuple(float(s) for s in self.edit_scales))
+            if (not isinstance(self.edit_scales, tuple) or not self.edit_scales
+                    or not all(s > 0 for s in self.edit_scales)):
                 raise ValueError(f"edit_scales must be null or a non-empty list of scales > 0, "
                                  f"got {self.edit_scales!r}")
             if self.chunk_tokens is not None:
@@ -703,8 +710,11 @@ class MEND:
         """(new model params, new stats, pre-edit loss). With train=True stats absorb the edit."""
         return self._edit(editor_state, model_params, edit_batch, train)[:3]
 
-    def _edit(self, editor_state: dict, model_params: dict, edit_batch, train: bool):
-        """`edit_with_stats`'s (params, stats, loss) and the captured (u, δ)."""
+    def _edit(self, editor_state: dict, model_params: dict, edit_batch, train: bool,
+              verify: bool = False):
+        """`edit_with_stats`'s (params, stats, loss) and the captured (u, δ); with `verify`
+        (the edits of `edit` and `edit_and_update`, not meta-training's nor its validation's)
+        the `edit_scales` rounds."""
         # The editor is not trained through the base model's backward pass (as the reference).
         shift = self.model.shift_labels
         loss_fn = None
@@ -719,7 +729,7 @@ class MEND:
                                     weights, loss_fn=loss_fn)
         captured = jax.lax.stop_gradient(captured)
         n_requests = edit_batch["input_ids"].shape[0]
-        scales = None if train else self.config.edit_scales
+        scales = self.config.edit_scales if verify and not train else None
         if not scales:
             updates, stats = self.pseudo_gradients(editor_state["params"], editor_state["stats"],
                                                    captured, train=train, n_requests=n_requests)
@@ -740,14 +750,15 @@ class MEND:
     def edit(self, editor_state: dict, model_params: dict, edit_batch) -> dict:
         """Pure, jit-able edit: one request or k requests at once (their tokens are pooled)."""
         check_edit_batch(self.model, edit_batch)
-        return self.edit_with_stats(editor_state, model_params, edit_batch, train=False)[0]
+        return self._edit(editor_state, model_params, edit_batch, train=False, verify=True)[0]
 
     def edit_and_update(self, editor_state: dict, model_params: dict, edit_batch
                         ) -> tuple[dict, dict]:
         """(edited params, editor state): `edit`, and with `lifelong` the state's `edited_keys`
         grown by this call's answer keys, which later calls leave alone."""
         check_edit_batch(self.model, edit_batch)
-        new, _, _, captured = self._edit(editor_state, model_params, edit_batch, train=False)
+        new, _, _, captured = self._edit(editor_state, model_params, edit_batch, train=False,
+                                         verify=True)
         if not self.config.lifelong:
             return new, editor_state
         kept = dict(editor_state["stats"]["edited_keys"])
