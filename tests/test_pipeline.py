@@ -358,8 +358,8 @@ def test_resume_logs_to_stderr_and_accumulates_train_time(trained_run, capfd):
 
 def test_the_batched_config_is_the_measured_override_set():
     """`alg=mend_batched` is exactly the override set whose results the README quotes (on
-    the default of the time: no key projection, no preserved facts, checkpoint of lowest edit
-    loss; the preset keeps the schema's project_eps, unused without the projection)."""
+    the default of the time: no key projection, no preserved facts, no edit_scales, checkpoint
+    of lowest edit loss; the preset keeps the schema's project_eps, unused without the projection)."""
     import dataclasses
 
     from mend_jax.config import load_config
@@ -367,7 +367,7 @@ def test_the_batched_config_is_the_measured_override_set():
     measured = load_config([
         "alg.editor.project_keys=false", "alg.editor.project_eps=0.1",
         "alg.editor.request_preserve=0", "alg.editor.preserve_weight=0.0",
-        "alg.loop.select_on=edit_loss", "alg.editor.aggregate=lstsq",
+        "alg.editor.edit_scales=null", "alg.loop.select_on=edit_loss", "alg.editor.aggregate=lstsq",
         "alg.editor.tokens=answer", "alg.editor.whiten=true",
         "alg.editor.capture_loss=per_request", "alg.editor.init_log_lambda=4.6",
         "alg.loop.n_edits=100", "alg.loop.n_edits_dist=log_uniform", "alg.loop.max_steps=3000",
