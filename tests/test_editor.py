@@ -623,8 +623,9 @@ def _took(model, params, batch):
 def test_edit_scales_strengthen_only_the_edits_that_did_not_take(model):
     """edit_scales: one request is edited with its update times the first scale under which its
     edit prompt gives the target (the oracle: plain edits with the step sizes times each
-    scale); of two requests, one that takes at the trained step keeps it while the other is
-    scaled; (1,) is the plain edit; the per-request scaling is linear in each request's share."""
+    scale), and with the trained step if none does; of two requests, one that takes at the
+    trained step keeps it while the other is scaled; (1,) is the plain edit; the per-request
+    scaling is linear in each request's share."""
     scales = (1.0, 4.0, 16.0, 64.0)
     plain = MEND(model, config=MENDConfig(norm=False, edit_lr=0.01))
     state = plain.init(jax.random.key(0))
@@ -653,6 +654,15 @@ def test_edit_scales_strengthen_only_the_edits_that_did_not_take(model):
         np.testing.assert_allclose(get_path(one, path), get_path(base, path), rtol=1e-6)
         np.testing.assert_allclose(get_path(trained_step, path), get_path(base, path),
                                    rtol=1e-5, atol=1e-6)
+
+    # an edit that takes at no scale keeps the trained step (the round in which most took)
+    never = jax.jit(MEND(model, config=MENDConfig(norm=False, edit_lr=0.01,
+                                                  edit_scales=(1.0, 1.5))).edit)(
+        state, model.params, b)
+    assert not _took(model, edit(times(1.5), model.params, b), b)[0]
+    for n in plain.layout.inner_params:
+        np.testing.assert_allclose(get_path(never, model.names.path(n)),
+                                   get_path(base, model.names.path(n)), rtol=1e-5, atol=1e-6)
 
     # two requests: A already gives its target, B does not
     a = _greedy_batch(model, [5, 9, 13], 2)

@@ -102,11 +102,13 @@ class MENDConfig:
     # activations at once. The same update up to float rounding; null: all rows in one pass.
     chunk_tokens: int | None = None
     # Edit-time verification (a deviation; null: off, the reference). With scales (1, 1.5, 2,
-    # 3), an edit call is made in as many rounds: in each, every request whose edit prompt does
-    # not yet give its target under the greedy, teacher-forced check of edit success moves to
-    # the next scale, its share of the update (its tokens' δ̃ terms, or its values in a solve)
-    # multiplied by it; the update of the last round is applied, so a request that never takes
-    # keeps the last scale. Edits that take at the trained step are left as they are. Used by
+    # 3), an edit call is made in as many rounds: after each, every request whose edit prompt
+    # does not yet give its target under the greedy, teacher-forced check of edit success moves
+    # to the next scale, its share of the update (its tokens' δ̃ terms, or its values in a
+    # solve) multiplied by it. The update of the round in which the most requests took is
+    # applied (the earliest of equals: one request that never takes keeps the trained step, and
+    # a call of many edits whose strengthened shares break more than they make is left as the
+    # trained step made it). Edits that take at the trained step keep it. Used by
     # `edit` and `edit_and_update` (evaluation, the API, edit.py), not by meta-training or its
     # validation (the editor learns, and checkpoints are chosen on, the trained step alone).
     edit_scales: tuple[float, ...] | None = None
@@ -736,16 +738,22 @@ class MEND:
             return self.apply_updates(model_params, updates), stats, loss, captured
         table = jnp.asarray(scales, jnp.float32)
         level = jnp.zeros((n_requests,), jnp.int32)
-        for r in range(len(scales)):
+        rounds, counts = [], []
+        for _ in scales:
             updates, stats = self.pseudo_gradients(editor_state["params"], editor_state["stats"],
                                                    captured, n_requests=n_requests,
                                                    request_scales=table[level])
-            new = self.apply_updates(model_params, updates)
-            if r + 1 < len(scales):
-                logits, labels = labelled_logits(self.model, new, edit_batch)
-                took = sequence_correct(logits, labels, shift)
-                level = jnp.where(took, level, level + 1)
-        return new, stats, loss, captured
+            logits, labels = labelled_logits(self.model, self.apply_updates(model_params, updates),
+                                             edit_batch)
+            took = sequence_correct(logits, labels, shift)
+            rounds.append(updates)
+            counts.append(took.sum())
+            level = jnp.where(took, level, level + 1)
+        # the round in which the most requests took (the earliest of equals): strengthening
+        # never costs edits that the trained step made
+        best = jnp.argmax(jnp.stack(counts))
+        updates = jax.tree.map(lambda *u: jnp.stack(u)[best], *rounds)
+        return self.apply_updates(model_params, updates), stats, loss, captured
 
     def edit(self, editor_state: dict, model_params: dict, edit_batch) -> dict:
         """Pure, jit-able edit: one request or k requests at once (their tokens are pooled)."""
