@@ -359,7 +359,8 @@ def test_resume_logs_to_stderr_and_accumulates_train_time(trained_run, capfd):
 def test_the_batched_config_is_the_measured_override_set():
     """`alg=mend_batched` is exactly the override set whose results the README quotes (on
     the default of the time: no key projection, no preserved facts, no edit_scales, checkpoint
-    of lowest edit loss; the preset keeps the schema's project_eps, unused without the projection)."""
+    of lowest edit loss; the preset keeps the schema's project_eps, unused without the
+    projection)."""
     import dataclasses
 
     from mend_jax.config import load_config
