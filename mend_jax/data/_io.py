@@ -139,13 +139,24 @@ def _is_jsonl(path: Path, text: str) -> bool:
         return False
 
 
-def get(record: dict[str, Any], field: str, where: Where) -> Any:
-    """record[field] for a dotted path ("requested_rewrite.target_new.str"), or a DataError."""
+_ABSENT = object()
+
+
+def _lookup(record: dict[str, Any], field: str) -> Any:
+    """record[field] for a dotted path, or `_ABSENT`."""
     value: Any = record
     for part in field.split("."):
         if not isinstance(value, dict) or part not in value:
-            raise where.error(field, "missing")
+            return _ABSENT
         value = value[part]
+    return value
+
+
+def get(record: dict[str, Any], field: str, where: Where) -> Any:
+    """record[field] for a dotted path ("requested_rewrite.target_new.str"), or a DataError."""
+    value = _lookup(record, field)
+    if value is _ABSENT:
+        raise where.error(field, "missing")
     return value
 
 
@@ -164,12 +175,7 @@ def get_str(record: dict[str, Any], field: str, where: Where, *, empty_ok: bool 
 
 def get_optional_str(record: dict[str, Any], field: str, where: Where) -> str | None:
     """`get_str` for an optional field: None when the (dotted) path is absent."""
-    value: Any = record
-    for part in field.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return None
-        value = value[part]
-    return get_str(record, field, where)
+    return None if _lookup(record, field) is _ABSENT else get_str(record, field, where)
 
 
 def get_str_list(record: dict[str, Any], field: str, where: Where) -> list[str]:

@@ -646,6 +646,14 @@ class MEND:
         normalised, so in a shared group later weights see the statistics of earlier ones
         too. `request_scales` ([n_requests]) multiplies each request's share of the update: its
         tokens' transformed δ̃ (every aggregate is linear in them)."""
+        parts, stats = self._transform(params, stats, captured, train)
+        return self._aggregate(params, stats, captured, parts, train, n_requests,
+                               request_scales), stats
+
+    def _transform(self, params: dict, stats: dict, captured: Mapping[str, Captured],
+                   train: bool) -> tuple[tuple, dict]:
+        """`pseudo_gradients`' first half: ((standardised, transformed, chunked names), stats),
+        the editor networks run once for any number of aggregations."""
         lay = self.layout
         standardised = {}
         for name in lay.inner_params:
@@ -662,12 +670,22 @@ class MEND:
             if names:
                 out = self._transform_group(params, [(n, standardised[n]) for n in names])
                 transformed.update(zip(names, out))
+        return (standardised, transformed, chunked), stats
+
+    def _aggregate(self, params: dict, stats: dict, captured: Mapping[str, Captured],
+                   parts: tuple, train: bool, n_requests: int | None,
+                   request_scales: jax.Array | None) -> dict:
+        """`pseudo_gradients`' second half: the update of each weight from `_transform`'s
+        parts, each request's share times its `request_scales`."""
+        lay, cfg = self.layout, self.config
+        standardised, transformed, chunked = parts
         if request_scales is not None:
             if chunked:
                 raise ValueError("request_scales is not implemented with chunk_tokens")
-            for name, (u, d) in transformed.items():
-                rows = d.reshape(request_scales.shape[0], -1, d.shape[-1])
-                transformed[name] = (u, (rows * request_scales[:, None, None]).reshape(d.shape))
+            transformed = {
+                name: (u, (d.reshape(request_scales.shape[0], -1, d.shape[-1])
+                           * request_scales[:, None, None]).reshape(d.shape))
+                for name, (u, d) in transformed.items()}
         # request_lstsq: one request has nothing to reconcile and keeps its own update (the
         # solve would give the minimum-norm update meeting it on its answer keys only)
         solve_requests = cfg.aggregate == "request_lstsq" and (
@@ -696,7 +714,7 @@ class MEND:
             if cfg.project_keys and not solve_requests:
                 agg = project_keys(self._key_moment(stats, name), agg, cfg.project_eps)
             updates[name] = params["edit_lrs"][name] * agg
-        return updates, stats
+        return updates
 
     def apply_updates(self, model_params: dict, updates: Mapping[str, jax.Array]) -> dict:
         """W' = W − update for every edited weight; other leaves are shared, not copied."""
@@ -739,10 +757,11 @@ class MEND:
         table = jnp.asarray(scales, jnp.float32)
         level = jnp.zeros((n_requests,), jnp.int32)
         rounds, counts = [], []
+        params = editor_state["params"]
+        parts, stats = self._transform(params, editor_state["stats"], captured, train=False)
         for _ in scales:
-            updates, stats = self.pseudo_gradients(editor_state["params"], editor_state["stats"],
-                                                   captured, n_requests=n_requests,
-                                                   request_scales=table[level])
+            updates = self._aggregate(params, stats, captured, parts, False, n_requests,
+                                      table[level])
             logits, labels = labelled_logits(self.model, self.apply_updates(model_params, updates),
                                              edit_batch)
             took = sequence_correct(logits, labels, shift)
